@@ -1,0 +1,74 @@
+"""Defaults shared by every config (plain data; never imports kdprune_jax).
+
+Other configs load this file by path (configs/ is not a package) and override fields.
+Durations end in _epochs / _steps; every field is overridable on the command line, e.g.
+``--config.kd.alpha=0.5``.
+"""
+
+import ml_collections
+
+
+def optim(num_epochs, batch_size, learning_rate, weight_decay=5e-4, schedule="cosine"):
+    return ml_collections.ConfigDict(dict(
+        num_epochs=num_epochs,
+        batch_size=batch_size,  # GLOBAL batch: a multiple of the device count
+        learning_rate=learning_rate,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=weight_decay,
+        schedule=schedule,  # cosine | step | constant
+        warmup_epochs=0.0,
+        step_boundaries_epochs=(),  # for schedule=step
+        step_decay=0.1,
+    ))
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="digits",  # digits | image_folder | tfds | arrays
+        name="",  # tfds dataset name (source=tfds)
+        path="",  # image folder / .tar.gz / .npz (source=image_folder | arrays)
+        data_dir="",  # tfds data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+        train_split="train",
+        eval_split="test",  # final reporting only; never used for selection or tuning
+        image_size=32,  # output size of the imagenet augmentation
+        augment="cifar",  # none | cifar | imagenet
+        mean=(125.3, 123.0, 113.9),  # per-channel, in [0, 255] units
+        std=(63.0, 62.1, 66.7),
+        val_fraction=0.05,  # stratified validation split carved from train (METHOD §1)
+        val_seed=0,
+        max_per_class=0,  # >0: only the first N examples of each class (smoke runs)
+        label_noise=0.0,  # fraction of train labels flipped symmetrically
+        label_noise_seed=0,
+        num_workers=0,  # grain worker processes for decode/augment (0 = in-process)
+        prefetch=2,  # batches the host reads ahead
+    ))
+
+    c.teacher = ml_collections.ConfigDict(dict(
+        model="cifar_resnet56",
+        width=1.0,
+        init="",  # "" = train on the full train split; or a kdprune_jax teacher checkpoint dir
+        optim=optim(num_epochs=200, batch_size=128, learning_rate=0.1),
+    ))
+    c.student = ml_collections.ConfigDict(dict(
+        model="cifar_resnet20",
+        width=1.0,
+        equal_steps=False,  # True: as many optimizer steps as full-data training
+        optim=optim(num_epochs=200, batch_size=128, learning_rate=0.1),
+    ))
+    # METHOD §2; CIFAR defaults tau=4, alpha=0.9. alpha=0 trains on labels only (no teacher).
+    c.kd = ml_collections.ConfigDict(dict(alpha=0.9, temperature=4.0))
+
+    c.prune = ml_collections.ConfigDict(dict(
+        method="random",  # random (class-balanced)
+        keep_fraction=0.5,  # fraction of the train pool KEPT, in (0, 1]
+        balanced=True,
+        seed=0,
+    ))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=256))
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    return c

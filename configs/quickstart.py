@@ -1,0 +1,48 @@
+r"""Quickstart: the whole pipeline on scikit-learn's embedded 8x8 digits, no download.
+
+    python -m kdprune_jax.main --config=configs/quickstart.py --workdir=/tmp/kdprune_quickstart
+
+Teacher cifar_resnet20 (width 0.5) on all 1,366 training images -> random class-balanced 50%
+subset -> student cifar_resnet8 (width 0.5) distilled on it (alpha 0.9, tau 4).
+Measured (2-core CPU, JAX 0.10.2): see README "Quickstart" for the time and accuracies, which
+`tests/test_quickstart.py` re-checks.
+`:smoke` shrinks everything to a few steps for tests.
+"""
+
+import importlib.util
+import os
+
+
+def _base():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
+    spec = importlib.util.spec_from_file_location("kdprune_configs_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def get_config(arg: str = ""):
+    base = _base()
+    c = base.get_config()
+    c.data.source = "digits"
+    c.data.augment = "none"
+    c.data.mean, c.data.std = (64.0,), (96.0,)
+    c.teacher.model, c.teacher.width = "cifar_resnet20", 0.5
+    c.teacher.optim = base.optim(num_epochs=15, batch_size=64, learning_rate=0.05)
+    c.student.model, c.student.width = "cifar_resnet8", 0.5
+    c.student.optim = base.optim(num_epochs=30, batch_size=64, learning_rate=0.05)
+    c.prune.keep_fraction = 0.5
+    c.eval.batch_size = 128
+    c.log_every_steps = 10
+    c.checkpoint_every_steps = 100
+    if arg == "smoke":
+        c.teacher.optim.num_epochs = 1
+        c.student.optim.num_epochs = 2
+        c.teacher.width = c.student.width = 0.25
+        c.teacher.model = "cifar_resnet8"
+        c.log_every_steps = 5
+        c.checkpoint_every_steps = 10
+    elif arg:
+        raise ValueError(f"unknown config arg {arg!r}; allowed: '' or 'smoke'")
+    c.lock()
+    return c

@@ -1,0 +1,70 @@
+"""Workdir artifacts: atomic writes and fingerprints.
+
+A reader never sees a half-written file: everything is written to a temp file in the same
+directory and `os.replace`d into place (atomic on POSIX). Each artifact carries a `meta`
+dict describing what produced it; `fingerprint(meta)` is a short stable hash of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+def fingerprint(obj) -> str:
+    """Stable 16-hex-digit hash of a JSON-serializable object (key order irrelevant)."""
+    blob = json.dumps(obj, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _atomic(path: str, write_fn, suffix: str):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """Atomically write `obj` as indented JSON."""
+    data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
+    _atomic(path, lambda f: f.write(data), ".json")
+
+
+def read_json(path: str):
+    """Read JSON, or None when the file is missing or unreadable (treated as absent)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_npz(path: str, **arrays) -> None:
+    """Atomically write arrays (and a JSON `meta` string, if given as meta=...)."""
+    meta = arrays.pop("meta", None)
+    if meta is not None:
+        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True, default=_json_default))
+    _atomic(path, lambda f: np.savez(f, **arrays), ".npz")

@@ -1,0 +1,97 @@
+"""Validate a config before any expensive work: one `ConfigError` naming the field and the
+allowed values. Only checks that need no data; data-dependent checks (a class left empty,
+a subset smaller than a batch) run right after the (cheap) label loading."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
+from kdprune_jax.errors import ConfigError
+from kdprune_jax.models import MODEL_NAMES
+from kdprune_jax.train.state import SCHEDULES
+
+PRUNE_METHODS = ("random",)
+
+
+def _positive(field, v, integer=False):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    if integer:
+        ok = ok and float(v).is_integer()
+    if not ok:
+        raise ConfigError(field, v, "a positive integer" if integer else "a positive number")
+
+
+def _check_optim(prefix, o, n_dev):
+    _positive(f"{prefix}.num_epochs", o.num_epochs)
+    _positive(f"{prefix}.learning_rate", o.learning_rate)
+    _positive(f"{prefix}.batch_size", o.batch_size, integer=True)
+    if o.batch_size % n_dev:
+        raise ConfigError(f"{prefix}.batch_size", o.batch_size,
+                          f"a multiple of the device count ({n_dev})")
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"{prefix}.momentum", o.momentum, "a number in [0, 1)")
+    if o.weight_decay < 0:
+        raise ConfigError(f"{prefix}.weight_decay", o.weight_decay, "a number >= 0")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"{prefix}.schedule", o.schedule, ", ".join(SCHEDULES))
+    if o.warmup_epochs < 0:
+        raise ConfigError(f"{prefix}.warmup_epochs", o.warmup_epochs, "a number >= 0")
+
+
+def needs_teacher(config) -> bool:
+    """The teacher stage runs only when something consumes the teacher (KD with alpha>0)."""
+    return config.kd.alpha > 0
+
+
+def validate(config) -> None:
+    """Raise ConfigError for the first invalid field (see module docstring)."""
+    n_dev = jax.device_count()
+    d = config.data
+    if d.source not in SOURCE_KINDS:
+        raise ConfigError("data.source", d.source, ", ".join(SOURCE_KINDS))
+    if d.source in ("image_folder", "arrays"):
+        if not d.path or not os.path.exists(d.path):
+            raise ConfigError("data.path", d.path,
+                              "an existing image folder, .tar/.tar.gz or .npz path")
+    if d.source == "tfds" and not d.name:
+        raise ConfigError("data.name", d.name, "a TFDS dataset name, e.g. 'cifar10'")
+    if d.augment not in AUGMENTATIONS:
+        raise ConfigError("data.augment", d.augment, ", ".join(AUGMENTATIONS))
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError("data.val_fraction", d.val_fraction, "a number in [0, 1)")
+    if not 0 <= d.label_noise < 1:
+        raise ConfigError("data.label_noise", d.label_noise, "a number in [0, 1)")
+    if len(d.mean) != len(d.std) or any(s <= 0 for s in d.std):
+        raise ConfigError("data.std", d.std, "positive numbers, one per entry of data.mean")
+    if d.num_workers < 0:
+        raise ConfigError("data.num_workers", d.num_workers, "an integer >= 0")
+
+    for role in ("teacher", "student"):
+        m = config[role]
+        if m.model not in MODEL_NAMES:
+            raise ConfigError(f"{role}.model", m.model, ", ".join(MODEL_NAMES))
+        _positive(f"{role}.width", m.width)
+        _check_optim(f"{role}.optim", m.optim, n_dev)
+    if config.teacher.init and not os.path.isdir(config.teacher.init):
+        raise ConfigError("teacher.init", config.teacher.init,
+                          "'' (train the teacher) or an existing teacher checkpoint directory")
+
+    if not 0 <= config.kd.alpha <= 1:
+        raise ConfigError("kd.alpha", config.kd.alpha, "a number in [0, 1]")
+    _positive("kd.temperature", config.kd.temperature)
+
+    p = config.prune
+    if p.method not in PRUNE_METHODS:
+        raise ConfigError("prune.method", p.method, ", ".join(PRUNE_METHODS))
+    kf = p.keep_fraction
+    if isinstance(kf, bool) or not isinstance(kf, (int, float)) or not 0 < kf <= 1:
+        raise ConfigError("prune.keep_fraction", kf, "a number in (0, 1]")
+    _positive("eval.batch_size", config.eval.batch_size, integer=True)
+    if config.eval.batch_size % n_dev:
+        raise ConfigError("eval.batch_size", config.eval.batch_size,
+                          f"a multiple of the device count ({n_dev})")
+    _positive("log_every_steps", config.log_every_steps, integer=True)
+    _positive("checkpoint_every_steps", config.checkpoint_every_steps, integer=True)

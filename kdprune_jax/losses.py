@@ -1,0 +1,61 @@
+"""Per-example losses. Reduction (mean, masked sum, weighting) is always the caller's.
+
+All functions take logits of shape [..., C] (any float dtype; computed in float32) and return
+per-example values of shape [...] in float32.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """CE(y, softmax(s)) per example. logits [..., C], labels int [...] -> [...]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, temperature) -> jax.Array:
+    """KL(softmax(t / tau) || softmax(s / tau)) per example -> [...].
+
+    Uses the teacher's log-probabilities directly (not log of probabilities) so that a
+    teacher probability of exactly zero contributes 0, never NaN.
+    """
+    t = teacher_logits.astype(jnp.float32) / temperature
+    s = student_logits.astype(jnp.float32) / temperature
+    logp_t = jax.nn.log_softmax(t, axis=-1)
+    logp_s = jax.nn.log_softmax(s, axis=-1)
+    return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
+
+
+def kd_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array | None,
+    labels: jax.Array,
+    *,
+    alpha,
+    temperature,
+) -> jax.Array:
+    """METHOD.md §2, per example:
+
+        (1 - alpha) * CE(y, softmax(s)) + alpha * tau^2 * KL(softmax(t/tau) || softmax(s/tau))
+
+    The teacher logits are wrapped in ``stop_gradient`` here so that no caller can
+    accidentally backpropagate into the teacher. ``teacher_logits=None`` requires
+    ``alpha == 0`` (plain CE; the "no KD" baseline) and skips the KL term entirely.
+
+    Args:
+      student_logits: [B, C].
+      teacher_logits: [B, C] or None.
+      labels: int [B].
+      alpha: weight of the KD term in [0, 1] (python float or scalar array).
+      temperature: tau > 0.
+    Returns:
+      float32 [B].
+    """
+    ce = cross_entropy(student_logits, labels)
+    if teacher_logits is None:
+        if not isinstance(alpha, jax.Array) and alpha != 0:
+            raise ValueError("kd_loss: teacher_logits=None requires alpha == 0")
+        return ce
+    kl = kl_divergence(jax.lax.stop_gradient(teacher_logits), student_logits, temperature)
+    return (1.0 - alpha) * ce + alpha * (temperature**2) * kl

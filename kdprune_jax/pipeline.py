@@ -1,0 +1,316 @@
+"""The one orchestration of a run: teacher -> select -> student -> eval.
+
+Each stage writes its artifact to the workdir (DESIGN.md "A run") with a fingerprint of
+everything upstream of it, and is skipped when a matching artifact is already there:
+
+    DIR/teacher/       orbax checkpoint of the teacher (or imported from teacher.init)
+    DIR/subset.json    kept indices + keep_fraction, method, seed, class counts
+    DIR/student/       orbax checkpoint of the student, resumable mid-epoch
+    DIR/results.json   final metrics with the config that produced them
+    DIR/metrics.jsonl  training curves (JSON lines)
+
+A changed config invalidates exactly the artifacts downstream of the change: a stale
+checkpoint directory is moved aside (never deleted), a stale subset/results file rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from kdprune_jax import artifacts, config_checks, data, models, selection, sharding
+from kdprune_jax.errors import ArtifactError, ConfigError
+from kdprune_jax.train import TrainResult, evaluate, train_model
+from kdprune_jax.train.checkpoint import Checkpointer
+from kdprune_jax.train.metrics import MetricsWriter
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+    logging.info(msg)
+
+
+@dataclasses.dataclass
+class Data:
+    """The run's data at the index level (images stay in the random-access sources)."""
+
+    train: data.Split
+    test: data.Split
+    train_labels: np.ndarray  # labels used for training (after optional label noise)
+    pool: np.ndarray  # train indices eligible for training/selection (train minus val)
+    val: np.ndarray  # stratified validation indices (METHOD §1)
+    flipped: np.ndarray  # indices whose label was flipped by label noise
+    fingerprint: str
+
+
+def load_data(config) -> Data:
+    d = config.data
+    train = data.load_split(d, d.train_split)
+    test = data.load_split(d, d.eval_split)
+    if test.num_classes != train.num_classes:
+        raise ConfigError("data.eval_split", d.eval_split,
+                          f"a split with the train split's {train.num_classes} classes "
+                          f"(it has {test.num_classes})")
+    if train.num_channels != len(d.mean):
+        raise ConfigError("data.mean", tuple(d.mean),
+                          f"{train.num_channels} value(s), one per image channel")
+    labels, flipped = train.labels, np.zeros(0, np.int64)
+    if d.label_noise > 0:
+        labels, flipped = data.symmetric_label_noise(
+            train.labels, d.label_noise, train.num_classes, d.label_noise_seed)
+    pool, val = data.stratified_split(labels, d.val_fraction, d.val_seed)
+    fp = artifacts.fingerprint({
+        "train": train.fingerprint, "test": test.fingerprint, "val_fraction": d.val_fraction,
+        "val_seed": d.val_seed, "label_noise": d.label_noise,
+        "label_noise_seed": d.label_noise_seed,
+    })
+    return Data(train, test, labels, pool, val, flipped, fp)
+
+
+def _model(role_cfg, num_classes: int, seed: int):
+    return models.create_model(role_cfg.model, num_classes=num_classes, seed=seed,
+                               width=role_cfg.width)
+
+
+def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fingerprint,
+                teacher=None, num_steps=None) -> TrainResult:
+    """Train the teacher or the student on `indices` (resumable, see train_model)."""
+    rc = config[role]
+    o = rc.optim
+    sharding.local_batch_size(o.batch_size, f"{role}.optim.batch_size")  # raises if uneven
+    steps_per_epoch = len(indices) / o.batch_size
+    if num_steps is None:
+        num_steps = data.num_train_steps(len(indices), o.batch_size, o.num_epochs)
+    if num_steps < 1:
+        raise ConfigError(f"{role}.optim.batch_size", o.batch_size,
+                          f"at most the number of training examples ({len(indices)}) times "
+                          f"{role}.optim.num_epochs")
+    train_fn, _ = data.make_transforms(config.data.augment, config.data.image_size,
+                                       config.data.mean, config.data.std)
+    seed = config.seed + (1000 if role == "teacher" else 0)
+
+    def dataset_fn():
+        return data.train_dataset(
+            ds.train, indices, labels=ds.train_labels, global_batch_size=o.batch_size,
+            num_steps=num_steps, seed=seed, transform=train_fn,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            num_workers=config.data.num_workers, prefetch=config.data.prefetch,
+        )
+
+    return train_model(
+        name=role, model=_model(rc, ds.train.num_classes, seed), dataset_fn=dataset_fn,
+        num_steps=num_steps, steps_per_epoch=steps_per_epoch, opt_cfg=o, mesh=mesh,
+        ckpt_dir=os.path.join(workdir, role), fingerprint=fingerprint, writer=writer,
+        teacher=teacher, alpha=config.kd.alpha if teacher is not None else 0.0,
+        temperature=config.kd.temperature, global_batch_size=o.batch_size,
+        log_every_steps=config.log_every_steps,
+        checkpoint_every_steps=config.checkpoint_every_steps, log=_log,
+    )
+
+
+def import_teacher(config, num_classes: int, mesh):
+    """Load a teacher trained by kdprune_jax from ``teacher.init`` (its teacher/ dir).
+
+    Returns (graphdef, params, batch_stats, fingerprint)."""
+    from flax import nnx
+
+    model = _model(config.teacher, num_classes, config.seed)
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    ck = Checkpointer(config.teacher.init)
+    step = ck.latest_step()
+    if step is None:
+        raise ConfigError("teacher.init", config.teacher.init,
+                          "a directory holding a kdprune_jax teacher checkpoint")
+    like = sharding.replicate(_init_state_like(params, batch_stats, config), mesh)
+    state, meta = ck.restore(step, like)
+    ck.close()
+    fp = artifacts.fingerprint({"init": os.path.abspath(config.teacher.init), "step": step,
+                                "meta": meta})
+    return graphdef, state.params, state.batch_stats, fp
+
+
+def _init_state_like(params, batch_stats, config):
+    from kdprune_jax.train.state import TrainState, make_optimizer
+
+    tx, _ = make_optimizer(config.teacher.optim, 1.0, 1)
+    return TrainState.create(params, batch_stats, tx)
+
+
+def _role_fingerprint(config, role: str, **upstream) -> str:
+    rc = config[role]
+    return artifacts.fingerprint({
+        "role": role, "model": rc.model, "width": rc.width, "optim": rc.optim.to_dict(),
+        "seed": config.seed, "augment": config.data.augment, "image_size": config.data.image_size,
+        "mean": list(config.data.mean), "std": list(config.data.std),
+        "equal_steps": rc.get("equal_steps", False), **upstream,
+    })
+
+
+def select_subset(config, ds: Data, workdir: str) -> selection.Subset:
+    """The `select` stage: reuse DIR/subset.json when its fingerprint matches."""
+    p = config.prune
+    fp = artifacts.fingerprint({"data": ds.fingerprint, "method": p.method,
+                                "keep_fraction": p.keep_fraction, "seed": p.seed,
+                                "balanced": p.balanced})
+    path = os.path.join(workdir, "subset.json")
+    old = selection.load_subset(path)
+    if old is not None and old.fingerprint == fp:
+        _log(f"[select] reusing {path} ({len(old.indices)} examples)")
+        return old
+    if old is not None:
+        _log(f"[select] {path} is stale (different data or prune config); rebuilding")
+    subset = selection.random_balanced(ds.train_labels, ds.pool, p.keep_fraction,
+                                       ds.train.num_classes, p.seed, balanced=p.balanced)
+    subset.fingerprint = fp
+    if jax.process_index() == 0:
+        selection.save_subset(path, subset)
+    _log(f"[select] kept {len(subset.indices)}/{len(ds.pool)} examples "
+         f"(keep_fraction {p.keep_fraction}, {p.method}) -> {path}")
+    return subset
+
+
+def _eval_split(graphdef, params, batch_stats, config, split, indices, mesh):
+    _, eval_fn = data.make_transforms(config.data.augment, config.data.image_size,
+                                      config.data.mean, config.data.std)
+    dataset, _ = data.eval_dataset(
+        split, indices, global_batch_size=config.eval.batch_size, transform=eval_fn,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.data.num_workers, prefetch=config.data.prefetch,
+    )
+    return evaluate(graphdef, params, batch_stats, dataset, mesh)
+
+
+def run(config, workdir: str) -> dict:
+    """Run every stage the config names; returns the results dict (also DIR/results.json)."""
+    t_start = time.perf_counter()
+    config_checks.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise ConfigError("--workdir", workdir, "a writable directory")
+    mesh = sharding.make_mesh()
+    writer = MetricsWriter(workdir)
+    timings = {}
+
+    t = time.perf_counter()
+    ds = load_data(config)
+    timings["data_seconds"] = time.perf_counter() - t
+    _log(f"[data] {len(ds.train)} train ({len(ds.pool)} pool + {len(ds.val)} val), "
+         f"{len(ds.test)} test, {ds.train.num_classes} classes; {jax.device_count()} devices")
+
+    # Data-dependent checks before any training: a class left empty, batch vs subset size.
+    subset_counts = selection.class_keep_counts(ds.train_labels[ds.pool],
+                                                config.prune.keep_fraction,
+                                                ds.train.num_classes)
+    if int(subset_counts.sum()) < config.student.optim.batch_size:
+        raise ConfigError("student.optim.batch_size", config.student.optim.batch_size,
+                          f"at most the subset size ({int(subset_counts.sum())} examples at "
+                          f"keep_fraction {config.prune.keep_fraction})")
+
+    # ---- teacher
+    teacher, teacher_fp, teacher_metrics = None, "", {}
+    if config_checks.needs_teacher(config):
+        t = time.perf_counter()
+        if config.teacher.init:
+            *teacher, teacher_fp = import_teacher(config, ds.train.num_classes, mesh)
+            teacher_metrics["source"] = config.teacher.init
+        else:
+            teacher_fp = _role_fingerprint(config, "teacher", data=ds.fingerprint)
+            res = _train_role("teacher", config, ds, ds.pool, mesh, workdir, writer, teacher_fp)
+            teacher = [res.graphdef, res.params, res.batch_stats]
+            teacher_metrics.update(steps=res.steps, train_seconds=res.seconds)
+        teacher_metrics.update(_cached_eval(workdir, "teacher", teacher_fp, lambda: _eval_split(
+            *teacher, config, ds.test, np.arange(len(ds.test)), mesh)))
+        timings["teacher_seconds"] = time.perf_counter() - t
+        _log(f"[teacher] test accuracy {teacher_metrics['accuracy']:.4f}")
+
+    # ---- select
+    t = time.perf_counter()
+    subset = select_subset(config, ds, workdir)
+    timings["select_seconds"] = time.perf_counter() - t
+
+    # ---- student
+    t = time.perf_counter()
+    student_fp = _role_fingerprint(
+        config, "student", data=ds.fingerprint, subset=subset.fingerprint,
+        teacher=teacher_fp, kd=config.kd.to_dict() if teacher is not None else None,
+    )
+    o = config.student.optim
+    num_steps = None
+    if config.student.equal_steps:
+        num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
+    res = _train_role("student", config, ds, subset.indices, mesh, workdir, writer,
+                      student_fp, teacher=teacher, num_steps=num_steps)
+    timings["student_seconds"] = time.perf_counter() - t
+
+    # ---- eval
+    results_path = os.path.join(workdir, "results.json")
+    old = artifacts.read_json(results_path)
+    if old and old.get("fingerprint") == student_fp:
+        _log(f"[eval] reusing {results_path}")
+        results = old
+    else:
+        t = time.perf_counter()
+        student_test = _eval_split(res.graphdef, res.params, res.batch_stats, config,
+                                   ds.test, np.arange(len(ds.test)), mesh)
+        student_val = _eval_split(res.graphdef, res.params, res.batch_stats, config,
+                                  ds.train, ds.val, mesh) if len(ds.val) else {}
+        timings["eval_seconds"] = time.perf_counter() - t
+        results = {
+            "fingerprint": student_fp,
+            "student": {"model": config.student.model, "test": student_test, "val": student_val,
+                        "steps": res.steps, "train_seconds": res.seconds},
+            "teacher": {"model": config.teacher.model, **teacher_metrics} if teacher else None,
+            "subset": {"method": subset.method, "keep_fraction": subset.keep_fraction,
+                       "num_kept": len(subset.indices), "pool_size": subset.pool_size,
+                       "seed": subset.seed},
+            "kd": config.kd.to_dict() if teacher is not None else {"alpha": 0.0},
+            "devices": jax.device_count(),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "config": json.loads(config.to_json_best_effort()),
+        }
+        if jax.process_index() == 0:
+            artifacts.write_json(results_path, results)
+    results["wall_seconds"] = round(time.perf_counter() - t_start, 3)
+    _log(format_results(results))
+    return results
+
+
+def _cached_eval(workdir, role, fp, compute) -> dict:
+    """Eval of a frozen model, cached in DIR/<role>_eval.json by the model's fingerprint."""
+    path = os.path.join(workdir, f"{role}_eval.json")
+    old = artifacts.read_json(path)
+    if old and old.get("fingerprint") == fp:
+        return old["metrics"]
+    metrics = compute()
+    if jax.process_index() == 0:
+        artifacts.write_json(path, {"fingerprint": fp, "metrics": metrics})
+    return metrics
+
+
+def format_results(r: dict) -> str:
+    """The final results table (also what a person reads at the end of a run)."""
+    rows = [("stage", "model", "examples", "test acc", "test loss", "train s")]
+    if r.get("teacher"):
+        t = r["teacher"]
+        rows.append(("teacher", t["model"], "-", f"{t['accuracy']:.4f}", f"{t['loss']:.4f}",
+                     f"{t.get('train_seconds', 0):.1f}"))
+    s, sub = r["student"], r["subset"]
+    rows.append(("student", s["model"], f"{sub['num_kept']}/{sub['pool_size']}",
+                 f"{s['test']['accuracy']:.4f}", f"{s['test']['loss']:.4f}",
+                 f"{s['train_seconds']:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    head = (f"results: keep_fraction {sub['keep_fraction']} ({sub['method']}), "
+            f"kd alpha {r['kd'].get('alpha')}, {r['devices']} devices")
+    return "\n".join([head, *lines])
+
+
+__all__ = ["ArtifactError", "Data", "format_results", "load_data", "run", "select_subset"]

@@ -1,0 +1,150 @@
+"""The training loop: resumable, sharded, guarded against implicit transfers and NaNs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kdprune_jax import sharding
+from kdprune_jax.errors import UserError
+from kdprune_jax.train.checkpoint import Checkpointer, set_aside_if_stale
+from kdprune_jax.train.metrics import MetricsWriter, ProgressBar
+from kdprune_jax.train.state import TrainState, make_optimizer
+from kdprune_jax.train.steps import make_eval_step, make_kd_train_step
+
+
+class NonFiniteLossError(UserError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    graphdef: object
+    params: object
+    batch_stats: object
+    steps: int
+    seconds: float  # wall time spent training in this process (0 when reused)
+    resumed_from: int | None
+
+
+def train_model(
+    *,
+    name: str,
+    model: nnx.Module,
+    dataset_fn,
+    num_steps: int,
+    steps_per_epoch: float,
+    opt_cfg,
+    mesh,
+    ckpt_dir: str,
+    fingerprint: str,
+    writer: MetricsWriter,
+    teacher=None,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    global_batch_size: int = 0,
+    log_every_steps: int = 50,
+    checkpoint_every_steps: int = 500,
+    log=print,
+) -> TrainResult:
+    """Train `model` for `num_steps` steps, resuming from `ckpt_dir` if possible.
+
+    Args:
+      model: initialized nnx module (its weights are the step-0 state).
+      dataset_fn: () -> grain IterDataset of this process's batches (exactly num_steps).
+      teacher: None or (graphdef, params, batch_stats) of a frozen teacher.
+      fingerprint: identifies this run; a checkpoint with another fingerprint is moved aside.
+    Returns:
+      TrainResult with the final (replicated) params and batch stats.
+    """
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx, schedule = make_optimizer(opt_cfg, steps_per_epoch, num_steps)
+    state = sharding.replicate(TrainState.create(params, batch_stats, tx), mesh)
+
+    set_aside_if_stale(ckpt_dir, fingerprint, log)
+    ckpt = Checkpointer(ckpt_dir)
+    data_iter = iter(dataset_fn())
+    start, resumed_from = 0, None
+    meta = {"fingerprint": fingerprint, "num_steps": num_steps, "name": name}
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, _ = ckpt.restore(latest, state, data_iter)
+        start = resumed_from = int(latest)
+        log(f"[{name}] resumed from step {start}/{num_steps}")
+    if start >= num_steps:
+        ckpt.close()
+        return TrainResult(graphdef, state.params, state.batch_stats, num_steps, 0.0, start)
+
+    teacher_graphdef, teacher_vars = None, None
+    if teacher is not None:
+        teacher_graphdef = teacher[0]
+        teacher_vars = sharding.replicate((teacher[1], teacher[2]), mesh)
+    step_fn = make_kd_train_step(
+        graphdef, tx, mesh, teacher_graphdef=teacher_graphdef, alpha=alpha,
+        temperature=temperature,
+    )
+    bar = ProgressBar(name, num_steps, start, images_per_step=global_batch_size)
+    pending, last_good = [], None
+    t0 = time.perf_counter()
+    t_log, last_log_step = t0, start
+    # Inside the loop every host<->device move is explicit (batch placement, metric
+    # fetches on log steps); an accidental implicit transfer (a Python scalar into the
+    # step, a stray float() on a device array) raises instead of silently syncing.
+    with jax.transfer_guard("disallow"):
+        for step in range(start + 1, num_steps + 1):
+            batch = next(data_iter)
+            batch = sharding.to_global(batch, mesh)
+            state, metrics = step_fn(state, teacher_vars, batch)
+            pending.append(metrics)
+            is_last = step == num_steps
+            if step % log_every_steps == 0 or is_last:
+                host = jax.device_get(pending)
+                pending = []
+                avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                if not all(math.isfinite(v) for v in avg.values()):
+                    ckpt.wait()
+                    good = ckpt.latest_step()
+                    ckpt.close()
+                    raise NonFiniteLossError(
+                        f"[{name}] non-finite loss at step {step} (metrics {avg}); last "
+                        f"finite metrics: {last_good}; last good checkpoint: step {good} in "
+                        f"{ckpt_dir}. Lower the learning rate (config.*.optim.learning_rate)."
+                    )
+                last_good = {"step": step, **avg}
+                now = time.perf_counter()
+                rate = global_batch_size * (step - last_log_step) / max(now - t_log, 1e-9)
+                t_log, last_log_step = now, step
+                writer.write(name, step, epoch=step / steps_per_epoch,
+                             learning_rate=float(schedule(step - 1)),
+                             images_per_sec=rate, **avg)
+                bar.update(step, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
+            else:
+                bar.update(step)
+            if step % checkpoint_every_steps == 0 or is_last:
+                ckpt.save(step, state, meta, data_iter, force=is_last)
+    bar.close()
+    ckpt.close()
+    seconds = time.perf_counter() - t0
+    return TrainResult(graphdef, state.params, state.batch_stats, num_steps, seconds,
+                       resumed_from)
+
+
+def evaluate(graphdef, params, batch_stats, dataset, mesh) -> dict:
+    """Accuracy and mean CE over a padded+masked eval dataset (each example counted once).
+
+    Returns {"accuracy", "loss", "count"} as Python floats.
+    """
+    eval_step = make_eval_step(graphdef, mesh)
+    params, batch_stats = sharding.replicate((params, batch_stats), mesh)
+    sums = []
+    for batch in dataset:
+        sums.append(eval_step(params, batch_stats, sharding.to_global(batch, mesh)))
+    host = jax.device_get(sums)
+    tot = {k: float(sum(s[k] for s in host)) for k in host[0]}
+    n = max(tot["count"], 1.0)
+    return {"accuracy": tot["correct"] / n, "loss": tot["loss"] / n, "count": int(tot["count"])}
