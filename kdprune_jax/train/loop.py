@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import signal
 import time
 
 import jax
@@ -86,8 +88,9 @@ def train_model(
         teacher_vars = sharding.replicate((teacher[1], teacher[2]), mesh)
     step_fn = make_kd_train_step(
         graphdef, tx, mesh, teacher_graphdef=teacher_graphdef, alpha=alpha,
-        temperature=temperature,
+        temperature=temperature, learning_rate_fn=schedule,
     )
+    kill_at = _fault_injection_point()
     bar = ProgressBar(name, num_steps, start, images_per_step=global_batch_size)
     pending, last_good = [], None
     t0 = time.perf_counter()
@@ -120,18 +123,35 @@ def train_model(
                 rate = global_batch_size * (step - last_log_step) / max(now - t_log, 1e-9)
                 t_log, last_log_step = now, step
                 writer.write(name, step, epoch=step / steps_per_epoch,
-                             learning_rate=float(schedule(step - 1)),
                              images_per_sec=rate, **avg)
                 bar.update(step, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
             else:
                 bar.update(step)
             if step % checkpoint_every_steps == 0 or is_last:
                 ckpt.save(step, state, meta, data_iter, force=is_last)
+            if kill_at == (name, step):
+                ckpt.wait()  # deterministic kill point: saves up to here have committed
+                _kill_self()
     bar.close()
     ckpt.close()
     seconds = time.perf_counter() - t0
     return TrainResult(graphdef, state.params, state.batch_stats, num_steps, seconds,
                        resumed_from)
+
+
+def _fault_injection_point():
+    """Fault injection for resume tests: KDPRUNE_KILL_AT=<stage>:<step> makes the process
+    SIGKILL itself right after that training step (as a preempted TPU VM would die), once
+    the checkpoints already started have committed, so the resume point is deterministic."""
+    spec = os.environ.get("KDPRUNE_KILL_AT", "")
+    if ":" not in spec:
+        return None
+    stage, step = spec.rsplit(":", 1)
+    return stage, int(step)
+
+
+def _kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def evaluate(graphdef, params, batch_stats, dataset, mesh) -> dict:

@@ -24,6 +24,7 @@ def make_kd_train_step(
     teacher_graphdef=None,
     alpha: float = 0.0,
     temperature: float = 1.0,
+    learning_rate_fn=None,
 ):
     """Build ``step(state, teacher_vars, batch) -> (state, metrics)``.
 
@@ -38,8 +39,9 @@ def make_kd_train_step(
         (then alpha must be 0: plain CE).
       batch: {"image": float32 [B, H, W, C], "label": int32 [B], ...} sharded on "data".
     Returns:
-      metrics: {"loss", "accuracy", "kd_agreement"} float32 scalars (batch means;
-      kd_agreement = fraction of the batch where student and teacher argmax agree).
+      metrics: {"loss", "accuracy", "kd_agreement", "learning_rate"} float32 scalars
+      (batch means; kd_agreement = fraction of the batch where student and teacher argmax
+      agree; learning_rate = the schedule at this step, if `learning_rate_fn` is given).
     """
     if teacher_graphdef is None and alpha != 0:
         raise ValueError("alpha > 0 needs a teacher")
@@ -66,6 +68,10 @@ def make_kd_train_step(
         params = optax.apply_updates(state.params, updates)
         pred = jnp.argmax(logits, -1)
         metrics = {"loss": loss, "accuracy": jnp.mean(pred == y)}
+        if learning_rate_fn is not None:
+            # Computed on device: evaluating the schedule on the host would be an implicit
+            # transfer inside the guarded loop.
+            metrics["learning_rate"] = learning_rate_fn(state.step)
         if t_logits is not None:
             metrics["kd_agreement"] = jnp.mean(pred == jnp.argmax(t_logits, -1))
         new_state = TrainState(state.step + 1, params, new_bs, opt_state)

@@ -1,0 +1,52 @@
+"""Model registry: name -> constructor of a flax.nnx module.
+
+    model = create_model("cifar_resnet20", num_classes=10, seed=0)
+    logits = model(images, train=False)                   # [B, 10] float32
+    logits, feats = model(images, return_features=True)    # + [B, 64] float32
+
+Models never see a config, only these arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from flax import nnx
+
+from kdprune_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
+
+_REGISTRY = {}
+
+
+def register_model(name: str, constructor) -> None:
+    """Add ``constructor(*, num_classes, rngs, dtype, width, zero_init_residual)``."""
+    global MODEL_NAMES
+    _REGISTRY[name] = constructor
+    MODEL_NAMES = tuple(sorted(_REGISTRY))
+
+
+for _d in (8, 14, 20, 32, 56):
+    register_model(f"cifar_resnet{_d}", functools.partial(CifarResNet, _d))
+register_model("resnet18", functools.partial(ImageNetResNet, BasicBlock, [2, 2, 2, 2]))
+register_model("resnet34", functools.partial(ImageNetResNet, BasicBlock, [3, 4, 6, 3]))
+register_model("resnet50", functools.partial(ImageNetResNet, Bottleneck, [3, 4, 6, 3]))
+
+MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+
+def create_model(name: str, *, num_classes: int, seed: int = 0, dtype=jnp.float32,
+                 width: float = 1.0, zero_init_residual: bool = False) -> nnx.Module:
+    """Build the registered model `name` with parameters initialized from `seed`.
+
+    Raises ValueError naming the allowed models for an unknown `name`.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return _REGISTRY[name](num_classes=num_classes, rngs=nnx.Rngs(seed), dtype=dtype,
+                           width=width, zero_init_residual=zero_init_residual)
+
+
+__all__ = ["MODEL_NAMES", "create_model", "register_model"]

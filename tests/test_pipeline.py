@@ -1,0 +1,228 @@
+"""End to end: the quickstart, CIFAR-10 (real archive) and ImageNet (tfds mock) smoke configs,
+artifact reuse, kill -9 + rerun == uninterrupted, and bad input stopping before training."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kdprune_jax import pipeline
+from kdprune_jax.errors import ConfigError, DataError
+from tests.helpers import cifar_archive
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=""):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def override(config, **fields):
+    """Copy of a locked config with dotted fields replaced (like --config.a.b=v)."""
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        for key, v in fields.items():
+            *path, last = key.split("__")
+            node = c
+            for p in path:
+                node = node[p]
+            node[last] = v
+    return c
+
+
+def snapshot(workdir):
+    """{relative path: sha256} of every file under workdir (to prove nothing changed)."""
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, workdir)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("quick"))
+    config = load_config("quickstart.py", "smoke")
+    results = pipeline.run(config, workdir)
+    return config, workdir, results
+
+
+def test_quickstart_smoke_end_to_end(quick_run):
+    config, workdir, r = quick_run
+    for name in ("teacher", "student", "subset.json", "results.json", "metrics.jsonl",
+                 "teacher_eval.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+    subset = json.load(open(os.path.join(workdir, "subset.json")))
+    assert subset["num_kept"] == len(subset["indices"]) == r["subset"]["num_kept"]
+    assert abs(subset["num_kept"] - 0.5 * subset["pool_size"]) <= 0.5
+    assert r["student"]["test"]["count"] == 360  # every digits test image, once
+    assert r["teacher"]["accuracy"] > 0.15  # better than chance (0.1) after 1 epoch
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert {x["stage"] for x in lines} == {"teacher", "student"}
+    assert all(np.isfinite(x["loss"]) for x in lines)
+
+
+def test_second_run_reuses_every_artifact(quick_run):
+    config, workdir, first = quick_run
+    before = snapshot(workdir)
+    again = pipeline.run(config, workdir)
+    assert again["fingerprint"] == first["fingerprint"]
+    assert again["student"]["test"] == first["student"]["test"]
+    after = snapshot(workdir)
+    for name in ("subset.json", "results.json", "teacher_eval.json"):
+        assert before[name] == after[name], f"{name} was rewritten"
+    ckpts = {k for k in before if k.startswith(("teacher/", "student/"))}
+    assert ckpts and all(before[k] == after.get(k) for k in ckpts)
+
+
+def test_changed_keep_fraction_rebuilds_downstream_only(quick_run, tmp_path):
+    config, workdir, first = quick_run
+    import shutil
+
+    wd = str(tmp_path / "w")
+    shutil.copytree(workdir, wd)
+    before = snapshot(wd)
+    r = pipeline.run(override(config, prune__keep_fraction=0.3), wd)
+    after = snapshot(wd)
+    assert r["subset"]["num_kept"] == round(0.3 * first["subset"]["pool_size"])
+    assert before["teacher_eval.json"] == after["teacher_eval.json"]  # teacher reused
+    assert before["subset.json"] != after["subset.json"]
+    assert any(d.startswith("student.stale-") for d in os.listdir(wd))  # old student kept
+
+
+BAD = [
+    (dict(prune__keep_fraction=0.0), "prune.keep_fraction", r"\(0, 1\]"),
+    (dict(prune__keep_fraction=1.5), "prune.keep_fraction", r"\(0, 1\]"),
+    (dict(student__model="resnet7"), "student.model", "cifar_resnet20"),
+    (dict(student__optim__batch_size=12), "student.optim.batch_size", "multiple"),
+    (dict(data__source="image_folder", data__path="/nonexistent/cifar.tar.gz"), "data.path",
+     "existing"),
+    (dict(kd__alpha=1.5), "kd.alpha", r"\[0, 1\]"),
+    (dict(prune__keep_fraction=0.001), "prune.keep_fraction", "at least one example"),
+]
+
+
+@pytest.mark.parametrize("fields,field,allowed", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_stops_before_training(quick_run, fields, field, allowed):
+    config, workdir, _ = quick_run
+    before = snapshot(workdir)
+    with pytest.raises(ConfigError) as e:
+        pipeline.run(override(config, **fields), workdir)
+    msg = str(e.value)
+    assert field in msg and "allowed" in msg
+    import re
+
+    assert re.search(allowed, msg), msg
+    assert snapshot(workdir) == before
+
+
+def test_corrupt_archive_image_is_named(tmp_path, quick_run):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    arch = tmp_path / "mini.tar.gz"
+    with tarfile.open(arch, "w:gz") as tf:
+        for split in ("train", "test"):
+            for c in ("a", "b"):
+                for i in range(12):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (8, 8), (i * 9, 0, 0)).save(buf, "JPEG")
+                    blob = buf.getvalue()
+                    if (split, c, i) == ("train", "b", 5):
+                        blob = blob[:40]  # truncated JPEG
+                    info = tarfile.TarInfo(f"{split}/{c}/{i:04d}.jpg")
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+    config, workdir, _ = quick_run
+    before = snapshot(workdir)
+    bad = override(config, data__source="image_folder", data__path=str(arch))
+    with pytest.raises(DataError, match=r"train/b/0005\.jpg"):
+        pipeline.run(bad, workdir)
+    assert snapshot(workdir) == before
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdprune_jax.main", "--config=configs/quickstart.py:smoke",
+         f"--workdir={tmp_path}", "--config.prune.keep_fraction=1.5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "prune.keep_fraction=1.5" in err[0] and "(0, 1]" in err[0]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "subset.json")
+
+
+def _student_params(workdir):
+    mgr = ocp.CheckpointManager(os.path.join(workdir, "student"))
+    step = mgr.latest_step()
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    import jax
+
+    return step, jax.tree.leaves(out["state"]["params"])
+
+
+def _cli(workdir, *extra, env=None):
+    cmd = [sys.executable, "-m", "kdprune_jax.main", "--config=configs/quickstart.py:smoke",
+           f"--workdir={workdir}", "--config.student.optim.num_epochs=4", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path):
+    a, b = tmp_path / "uninterrupted", tmp_path / "killed"
+    assert _cli(a).returncode == 0
+    # Student: 683 pool examples / 2 = 342 kept, batch 64 -> 5 steps/epoch, 21 steps; the
+    # smoke config checkpoints every 10 steps, so step 13 dies 3 steps after a checkpoint.
+    killed = _cli(b, env={"KDPRUNE_KILL_AT": "student:13"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not os.path.exists(b / "results.json")
+    resumed = _cli(b)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 10" in resumed.stdout
+    step_a, pa = _student_params(a)
+    step_b, pb = _student_params(b)
+    assert step_a == step_b == 21
+    for x, y in zip(pa, pb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    ra = json.load(open(a / "results.json"))
+    rb = json.load(open(b / "results.json"))
+    assert ra["student"]["test"] == rb["student"]["test"]
+
+
+def test_cifar10_smoke_on_real_archive(tmp_path):
+    cifar_archive()
+    config = load_config("cifar10_random_kd.py", "smoke")
+    with config.unlocked():
+        config.data.path = cifar_archive()
+    r = pipeline.run(config, str(tmp_path))
+    assert r["student"]["test"]["count"] == 200  # 20 per class of the real test split
+    assert r["subset"]["num_kept"] == round(0.5 * r["subset"]["pool_size"])
+    assert np.isfinite(r["student"]["test"]["loss"])
+
+
+def test_imagenet_smoke_on_tfds_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = load_config("imagenet_random_kd.py", "smoke")
+    assert config.teacher.model == "resnet50" and config.student.model == "resnet18"
+    with tfds.testing.mock_data(num_examples=96):
+        r = pipeline.run(config, str(tmp_path))
+    assert r["student"]["test"]["count"] == 96
+    assert r["teacher"]["model"] == "resnet50"
+    assert np.isfinite(r["student"]["test"]["loss"])
