@@ -8,7 +8,7 @@ naming the field and the allowed values and exits with status 2, before expensiv
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
@@ -20,6 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        # orbax/grain log every save at INFO; a user sees the progress bar and our lines.
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     from kdprune_jax import pipeline

@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-from absl import logging
 
 from kdprune_jax import artifacts, config_checks, data, models, selection, sharding
 from kdprune_jax.errors import ArtifactError, ConfigError
@@ -32,9 +31,9 @@ from kdprune_jax.train.metrics import MetricsWriter
 
 
 def _log(msg: str) -> None:
+    """A line for the person running the job (process 0 only)."""
     if jax.process_index() == 0:
         print(msg, flush=True)
-    logging.info(msg)
 
 
 @dataclasses.dataclass
@@ -116,9 +115,13 @@ def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fin
 
 
 def import_teacher(config, num_classes: int, mesh):
-    """Load a teacher trained by kdprune_jax from ``teacher.init`` (its teacher/ dir).
+    """Load a teacher trained by kdprune_jax from ``teacher.init`` (another workdir's
+    ``teacher/`` directory). Only params and BatchNorm statistics are read, so the
+    optimizer the teacher was trained with does not matter; every array must match the
+    configured model's shape.
 
-    Returns (graphdef, params, batch_stats, fingerprint)."""
+    Returns (graphdef, params, batch_stats, fingerprint).
+    """
     from flax import nnx
 
     model = _model(config.teacher, num_classes, config.seed)
@@ -126,21 +129,45 @@ def import_teacher(config, num_classes: int, mesh):
     ck = Checkpointer(config.teacher.init)
     step = ck.latest_step()
     if step is None:
+        ck.close()
         raise ConfigError("teacher.init", config.teacher.init,
                           "a directory holding a kdprune_jax teacher checkpoint")
-    like = sharding.replicate(_init_state_like(params, batch_stats, config), mesh)
-    state, meta = ck.restore(step, like)
+    raw, meta = ck.restore_raw(step)
     ck.close()
+    where = f"teacher checkpoint {config.teacher.init} (step {step})"
+    params = _fill_like(params, raw["params"], where, config.teacher.model)
+    batch_stats = _fill_like(batch_stats, raw["batch_stats"], where, config.teacher.model)
+    params, batch_stats = sharding.replicate((params, batch_stats), mesh)
     fp = artifacts.fingerprint({"init": os.path.abspath(config.teacher.init), "step": step,
                                 "meta": meta})
-    return graphdef, state.params, state.batch_stats, fp
+    return graphdef, params, batch_stats, fp
 
 
-def _init_state_like(params, batch_stats, config):
-    from kdprune_jax.train.state import TrainState, make_optimizer
+def _path_key(path) -> tuple[str, ...]:
+    """Key path -> tuple of names, without nnx's trailing 'value' level of saved Variables."""
+    names = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+    return names[:-1] if names and names[-1] == "value" else names
 
-    tx, _ = make_optimizer(config.teacher.optim, 1.0, 1)
-    return TrainState.create(params, batch_stats, tx)
+
+def _fill_like(target, raw, where: str, model_name: str):
+    """Put the arrays of a raw restored tree into `target`'s structure, checking shapes."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    saved = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw)[0]}
+    leaves = []
+    for path, leaf in flat:
+        key = _path_key(path)
+        got = saved.get(key)
+        if got is None or tuple(got.shape) != tuple(leaf.shape):
+            raise ArtifactError(
+                f"{where} does not fit teacher.model={model_name!r}: parameter "
+                f"{'/'.join(key)} is {None if got is None else tuple(got.shape)} there, "
+                f"{tuple(leaf.shape)} here; set teacher.model/width to the checkpoint's model")
+        leaves.append(np.asarray(got, leaf.dtype))
+    if len(saved) != len(flat):
+        raise ArtifactError(f"{where} has {len(saved)} arrays, teacher.model={model_name!r} "
+                            f"has {len(flat)}; set teacher.model/width to the checkpoint's model")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _role_fingerprint(config, role: str, **upstream) -> str:
@@ -205,13 +232,16 @@ def run(config, workdir: str) -> dict:
          f"{len(ds.test)} test, {ds.train.num_classes} classes; {jax.device_count()} devices")
 
     # Data-dependent checks before any training: a class left empty, batch vs subset size.
-    subset_counts = selection.class_keep_counts(ds.train_labels[ds.pool],
-                                                config.prune.keep_fraction,
-                                                ds.train.num_classes)
-    if int(subset_counts.sum()) < config.student.optim.batch_size:
+    p = config.prune
+    if p.balanced:
+        n_keep = int(selection.class_keep_counts(ds.train_labels[ds.pool], p.keep_fraction,
+                                                 ds.train.num_classes).sum())
+    else:
+        n_keep = int(round(p.keep_fraction * len(ds.pool)))
+    if n_keep < config.student.optim.batch_size and not config.student.equal_steps:
         raise ConfigError("student.optim.batch_size", config.student.optim.batch_size,
-                          f"at most the subset size ({int(subset_counts.sum())} examples at "
-                          f"keep_fraction {config.prune.keep_fraction})")
+                          f"at most the subset size ({n_keep} examples at "
+                          f"keep_fraction {p.keep_fraction})")
 
     # ---- teacher
     teacher, teacher_fp, teacher_metrics = None, "", {}

@@ -66,7 +66,7 @@ def test_quickstart_smoke_end_to_end(quick_run):
     subset = json.load(open(os.path.join(workdir, "subset.json")))
     assert subset["num_kept"] == len(subset["indices"]) == r["subset"]["num_kept"]
     assert abs(subset["num_kept"] - 0.5 * subset["pool_size"]) <= 0.5
-    assert r["student"]["test"]["count"] == 360  # every digits test image, once
+    assert r["student"]["test"]["count"] == 359  # every digits test image, exactly once
     assert r["teacher"]["accuracy"] > 0.15  # better than chance (0.1) after 1 epoch
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert {x["stage"] for x in lines} == {"teacher", "student"}
@@ -187,8 +187,8 @@ def _cli(workdir, *extra, env=None):
 def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path):
     a, b = tmp_path / "uninterrupted", tmp_path / "killed"
     assert _cli(a).returncode == 0
-    # Student: 683 pool examples / 2 = 342 kept, batch 64 -> 5 steps/epoch, 21 steps; the
-    # smoke config checkpoints every 10 steps, so step 13 dies 3 steps after a checkpoint.
+    # Student: 684 kept, batch 64, 4 epochs -> 42 steps; the smoke config checkpoints every
+    # 10 steps, so dying after step 13 loses 3 steps that the rerun must redo.
     killed = _cli(b, env={"KDPRUNE_KILL_AT": "student:13"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not os.path.exists(b / "results.json")
@@ -197,7 +197,7 @@ def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path):
     assert "resumed from step 10" in resumed.stdout
     step_a, pa = _student_params(a)
     step_b, pb = _student_params(b)
-    assert step_a == step_b == 21
+    assert step_a == step_b == 42
     for x, y in zip(pa, pb):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     ra = json.load(open(a / "results.json"))
@@ -226,3 +226,18 @@ def test_imagenet_smoke_on_tfds_mock_data(tmp_path):
     assert r["student"]["test"]["count"] == 96
     assert r["teacher"]["model"] == "resnet50"
     assert np.isfinite(r["student"]["test"]["loss"])
+
+
+def test_teacher_init_imports_a_trained_teacher(quick_run, tmp_path):
+    config, workdir, first = quick_run
+    imported = override(config, teacher__init=os.path.join(workdir, "teacher"))
+    r = pipeline.run(imported, str(tmp_path / "imp"))
+    assert not os.path.exists(tmp_path / "imp" / "teacher")  # nothing retrained
+    assert r["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+    assert r["teacher"]["loss"] == pytest.approx(first["teacher"]["loss"], rel=1e-6)
+    # A checkpoint of another architecture is refused with the parameter that differs.
+    wrong = override(imported, teacher__width=0.5)
+    from kdprune_jax.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"does not fit teacher.model.*set teacher.model"):
+        pipeline.run(wrong, str(tmp_path / "imp2"))

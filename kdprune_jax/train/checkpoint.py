@@ -71,6 +71,18 @@ class Checkpointer:
             ) from None
         return out["state"], dict(out["meta"])
 
+    def restore_raw(self, step: int):
+        """Restore the saved state as plain nested dicts of arrays (no target structure),
+        e.g. to import just the params of a model trained with another optimizer.
+        Returns (state_dict, meta)."""
+        try:
+            out = self.mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise ArtifactError(f"checkpoint {self.directory} step {step} is unreadable "
+                                f"({type(e).__name__}: {str(e)[:300]})") from None
+        return out["state"], dict(out["meta"])
+
     def wait(self):
         self.mgr.wait_until_finished()
 

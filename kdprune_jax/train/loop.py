@@ -77,7 +77,10 @@ def train_model(
     if latest is not None:
         state, _ = ckpt.restore(latest, state, data_iter)
         start = resumed_from = int(latest)
-        log(f"[{name}] resumed from step {start}/{num_steps}")
+        if start >= num_steps:
+            log(f"[{name}] already trained ({num_steps} steps); reusing {ckpt_dir}")
+        else:
+            log(f"[{name}] resumed from step {start}/{num_steps}")
     if start >= num_steps:
         ckpt.close()
         return TrainResult(graphdef, state.params, state.batch_stats, num_steps, 0.0, start)
