@@ -4,8 +4,10 @@ r"""Quickstart: the whole pipeline on scikit-learn's embedded 8x8 digits, no dow
 
 Teacher cifar_resnet20 (width 0.5) on all 1,366 training images -> random class-balanced 50%
 subset -> student cifar_resnet8 (width 0.5) distilled on it (alpha 0.9, tau 4).
-Measured (2-core CPU, JAX 0.10.2): see README "Quickstart" for the time and accuracies, which
-`tests/test_quickstart.py` re-checks.
+Measured with the command above on a 2-core CPU (JAX 0.10.2, 1 CPU device, seed 0): 20 s
+wall; teacher test accuracy 0.9805, student 0.9916 (359 test images); a second run in the
+same workdir reuses every artifact and takes 7.5 s.
+`tests/test_pipeline.py::test_full_quickstart_command` re-checks the accuracies and the reuse.
 `:smoke` shrinks everything to a few steps for tests.
 """
 

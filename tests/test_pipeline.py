@@ -241,3 +241,21 @@ def test_teacher_init_imports_a_trained_teacher(quick_run, tmp_path):
 
     with pytest.raises(ArtifactError, match=r"does not fit teacher.model.*set teacher.model"):
         pipeline.run(wrong, str(tmp_path / "imp2"))
+
+
+@pytest.mark.slow
+def test_full_quickstart_command(tmp_path):
+    """The README's quickstart command: real accuracies, then a rerun that reuses everything.
+    (Wall time is reported in the README with the command; tests never assert on time.)"""
+    cmd = [sys.executable, "-m", "kdprune_jax.main", "--config=configs/quickstart.py",
+           f"--workdir={tmp_path}"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = json.load(open(tmp_path / "results.json"))
+    assert r["teacher"]["accuracy"] > 0.95 and r["student"]["test"]["accuracy"] > 0.95
+    assert "student" in first.stdout and "test acc" in first.stdout  # the results table
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0
+    for stage in ("[teacher] already trained", "[select] reusing", "[student] already trained",
+                  "[eval] reusing"):
+        assert stage in second.stdout, second.stdout
