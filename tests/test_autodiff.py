@@ -1,0 +1,108 @@
+"""HVPs against jax.hessian, inverse-HVP solvers against a dense solve, LiSSA divergence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from kdprune_jax import autodiff
+from kdprune_jax.scoring.influence import SolverError, check_solve
+
+rng = np.random.default_rng(0)
+X = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+Y = jnp.asarray(rng.integers(0, 3, 32))
+IMG = jnp.asarray(rng.normal(size=(8, 6, 6, 2)), jnp.float32)
+
+
+def mlp_params(key=0):
+    k1, k2 = jax.random.split(jax.random.key(key))
+    return {"w1": 0.5 * jax.random.normal(k1, (6, 5)), "b1": jnp.zeros(5),
+            "w2": 0.5 * jax.random.normal(k2, (5, 3)), "b2": jnp.full(3, 0.1)}
+
+
+def mlp_loss(p):
+    h = jnp.tanh(X @ p["w1"] + p["b1"])
+    logits = h @ p["w2"] + p["b2"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(32), Y])
+
+
+def conv_params(key=1):
+    k1, k2 = jax.random.split(jax.random.key(key))
+    return {"k": 0.3 * jax.random.normal(k1, (3, 3, 2, 4)), "w": 0.3 * jax.random.normal(
+        k2, (4, 3))}
+
+
+def conv_loss(p):
+    y = jax.lax.conv_general_dilated(IMG, p["k"], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    logits = jnp.mean(jax.nn.softplus(y), axis=(1, 2)) @ p["w"]
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(8), Y[:8]])
+
+
+@pytest.mark.parametrize("loss,params", [(mlp_loss, mlp_params()), (conv_loss, conv_params())],
+                         ids=["mlp", "conv"])
+def test_hvp_equals_dense_hessian(loss, params):
+    flat, unravel = ravel_pytree(params)
+    h = jax.hessian(lambda f: loss(unravel(f)))(flat)
+    v = jnp.asarray(np.random.default_rng(2).normal(size=flat.size), jnp.float32)
+    got = ravel_pytree(jax.jit(autodiff.hvp, static_argnums=0)(loss, params, unravel(v)))[0]
+    np.testing.assert_allclose(got, h @ v, rtol=1e-4, atol=1e-6)
+
+
+def _damped_problem():
+    params = mlp_params()
+    flat, unravel = ravel_pytree(params)
+    damping = 0.5  # makes H + damping I positive definite for this non-convex MLP
+    h = jax.hessian(lambda f: mlp_loss(unravel(f)))(flat)
+    b = jnp.asarray(np.random.default_rng(3).normal(size=flat.size), jnp.float32)
+    want = np.linalg.solve(np.asarray(h, np.float64) + damping * np.eye(flat.size),
+                           np.asarray(b, np.float64))
+    eig = np.linalg.eigvalsh(np.asarray(h, np.float64))
+    return params, unravel, b, damping, want, eig
+
+
+@pytest.mark.parametrize("solver", ["exact", "cg", "lissa"])
+def test_inverse_hvp_solvers_equal_dense_solve(solver):
+    params, unravel, b, damping, want, eig = _damped_problem()
+    assert eig.min() + damping > 0
+    # LiSSA converges for scale > (lambda_max + damping) / 2.
+    kw = dict(max_iters=5000, tol=1e-7, lissa_scale=float(eig.max() + damping))
+    solve = jax.jit(lambda p, b: autodiff.inverse_hvp(mlp_loss, p, b, solver=solver,
+                                                      damping=damping, **kw))
+    x, info = solve(params, unravel(b))
+    np.testing.assert_allclose(ravel_pytree(x)[0], want, rtol=1e-3, atol=1e-4)
+    assert float(info["residual"]) < 1e-3 and not bool(info["diverged"])
+    check_solve(info, solver=solver, tol=1e-5)
+
+
+def test_lissa_divergence_is_reported_with_the_fix():
+    params, unravel, b, damping, _, eig = _damped_problem()
+    too_small = float(eig.max() + damping) / 4  # violates the convergence condition
+    x, info = autodiff.inverse_hvp(mlp_loss, params, unravel(b), solver="lissa",
+                                   damping=damping, lissa_scale=too_small, max_iters=2000)
+    assert bool(info["diverged"])
+    with pytest.raises(SolverError, match="LiSSA diverged.*lissa_scale.*damping"):
+        check_solve(info, solver="lissa", tol=1e-6)
+
+
+def test_cg_not_converging_names_max_iters():
+    params, unravel, b, damping, _, _ = _damped_problem()
+    _, info = autodiff.inverse_hvp(mlp_loss, params, unravel(b), solver="cg",
+                                   damping=damping, max_iters=2, tol=1e-8)
+    with pytest.raises(SolverError, match=r"did not converge.*influence\.max_iters"):
+        check_solve(info, solver="cg", tol=1e-8)
+
+
+def test_per_example_grads_equal_loop():
+    params = mlp_params()
+
+    def one(p, ex):
+        h = jnp.tanh(ex["x"] @ p["w1"] + p["b1"])
+        return -jax.nn.log_softmax(h @ p["w2"] + p["b2"])[ex["y"]]
+
+    g = autodiff.per_example_grads(one, params, {"x": X[:5], "y": Y[:5]})
+    for i in range(5):
+        gi = jax.grad(one)(params, {"x": X[i], "y": Y[i]})
+        for k in params:
+            np.testing.assert_allclose(g[k][i], gi[k], rtol=1e-5, atol=1e-7)
