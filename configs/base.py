@@ -63,10 +63,45 @@ def get_config():
     c.kd = ml_collections.ConfigDict(dict(alpha=0.9, temperature=4.0))
 
     c.prune = ml_collections.ConfigDict(dict(
-        method="random",  # random (class-balanced)
+        # random | el2n | teacher_el2n | grand | grand_last_layer | forgetting | entropy |
+        # margin | moderate | influence | self_influence   (METHOD.md §3-4)
+        method="random",
         keep_fraction=0.5,  # fraction of the train pool KEPT, in (0, 1]
-        balanced=True,
-        seed=0,
+        direction="auto",  # auto (= METHOD.md's kept end) | highest | lowest | middle
+        rule="keep_end",  # keep_end | ccs (coverage-centric: drop hardest, sample strata)
+        ccs_hard_cutoff=0.1,  # CCS: fraction of the hardest examples dropped
+        ccs_strata=50,
+        balanced=True,  # exact per-class counts; False = one global ranking
+        seed=0,  # draws random subsets and breaks score ties
+        scores_file="",  # use precomputed scores (.npz from another run) instead
+    ))
+    # Proxy models for el2n / grand / grand_last_layer / forgetting (Paul et al. 2021):
+    # K student-architecture models trained with CE on the full pool for a short schedule.
+    # Their training time is part of the method's pruning cost (reported in results.json).
+    c.proxy = ml_collections.ConfigDict(dict(
+        num_models=4,  # K (the paper uses 10); forgetting always uses one run
+        num_epochs=10,  # E (the paper uses ~20 of 200)
+        model="",  # "" = the student's architecture
+    ))
+    # Influence functions (METHOD.md §4).
+    c.influence = ml_collections.ConfigDict(dict(
+        scope="head",  # head (linear head on teacher features) | last_layer | full
+        model="teacher",  # teacher | proxy: whose parameters (scopes last_layer, full)
+        loss="kd",  # kd (KD-aligned, teacher as target) | ce
+        kd_weight=0.9,  # lam of the KD-aligned loss
+        temperature=4.0,
+        l2=1e-4,  # mu: L2 of the refit head (scope head)
+        head_max_iters=500,  # L-BFGS iterations for the head fit
+        solver="cg",  # exact | cg | lissa
+        damping=1e-3,
+        max_iters=200,
+        tol=1e-5,
+        lissa_scale=10.0,
+        hessian_examples=2000,  # scope full: pool examples defining the Hessian (0 = all)
+    ))
+    c.score = ml_collections.ConfigDict(dict(
+        batch_size=256,  # global batch of the scoring passes (multiple of device count)
+        grand_chunk_size=32,  # examples per vmapped per-example-gradient chunk
     ))
     c.eval = ml_collections.ConfigDict(dict(batch_size=256))
     c.log_every_steps = 50

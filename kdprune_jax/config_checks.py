@@ -8,12 +8,13 @@ import os
 
 import jax
 
+from kdprune_jax import scoring
+from kdprune_jax.autodiff import SOLVERS
 from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
 from kdprune_jax.errors import ConfigError
 from kdprune_jax.models import MODEL_NAMES
+from kdprune_jax.selection import DIRECTIONS, RULES
 from kdprune_jax.train.state import SCHEDULES
-
-PRUNE_METHODS = ("random",)
 
 
 def _positive(field, v, integer=False):
@@ -42,8 +43,55 @@ def _check_optim(prefix, o, n_dev):
 
 
 def needs_teacher(config) -> bool:
-    """The teacher stage runs only when something consumes the teacher (KD with alpha>0)."""
-    return config.kd.alpha > 0
+    """The teacher stage runs only when something consumes the teacher: KD (alpha > 0) or
+    a teacher-based score."""
+    from kdprune_jax import score_stage
+
+    return config.kd.alpha > 0 or score_stage.needs_teacher(config)
+
+
+def _check_scoring(config, n_dev) -> None:
+    from kdprune_jax import score_stage
+
+    pr = config.proxy
+    _positive("proxy.num_models", pr.num_models, integer=True)
+    _positive("proxy.num_epochs", pr.num_epochs)
+    if pr.model and pr.model not in MODEL_NAMES:
+        raise ConfigError("proxy.model", pr.model, "'' (the student's) or " + ", ".join(
+            MODEL_NAMES))
+    i = config.influence
+    if i.scope not in score_stage.SCOPES:
+        raise ConfigError("influence.scope", i.scope, ", ".join(score_stage.SCOPES))
+    if i.model not in ("teacher", "proxy"):
+        raise ConfigError("influence.model", i.model, "teacher, proxy")
+    if i.loss not in ("kd", "ce"):
+        raise ConfigError("influence.loss", i.loss, "kd, ce")
+    if (config.prune.method in score_stage.INFLUENCE_METHODS and i.loss == "kd"
+            and i.model == "teacher" and i.scope != "head"):
+        raise ConfigError(
+            "influence.loss", i.loss,
+            "ce when influence.model=teacher with scope last_layer/full (the teacher's KD loss "
+            "against itself has zero gradient for every example); or use model=proxy, or "
+            "scope=head")
+    if i.solver not in SOLVERS:
+        raise ConfigError("influence.solver", i.solver, ", ".join(SOLVERS))
+    if not 0 <= i.kd_weight <= 1:
+        raise ConfigError("influence.kd_weight", i.kd_weight, "a number in [0, 1]")
+    _positive("influence.temperature", i.temperature)
+    if i.damping < 0:
+        raise ConfigError("influence.damping", i.damping, "a number >= 0")
+    if i.l2 < 0:
+        raise ConfigError("influence.l2", i.l2, "a number >= 0")
+    _positive("influence.max_iters", i.max_iters, integer=True)
+    _positive("influence.tol", i.tol)
+    _positive("influence.lissa_scale", i.lissa_scale)
+    if i.hessian_examples < 0:
+        raise ConfigError("influence.hessian_examples", i.hessian_examples, "an integer >= 0")
+    _positive("score.batch_size", config.score.batch_size, integer=True)
+    if config.score.batch_size % n_dev:
+        raise ConfigError("score.batch_size", config.score.batch_size,
+                          f"a multiple of the device count ({n_dev})")
+    _positive("score.grand_chunk_size", config.score.grand_chunk_size, integer=True)
 
 
 def validate(config) -> None:
@@ -84,8 +132,18 @@ def validate(config) -> None:
     _positive("kd.temperature", config.kd.temperature)
 
     p = config.prune
-    if p.method not in PRUNE_METHODS:
-        raise ConfigError("prune.method", p.method, ", ".join(PRUNE_METHODS))
+    if p.method not in scoring.METHODS:
+        raise ConfigError("prune.method", p.method, ", ".join(scoring.METHODS))
+    if p.direction not in ("auto",) + DIRECTIONS:
+        raise ConfigError("prune.direction", p.direction, ", ".join(("auto",) + DIRECTIONS))
+    if p.rule not in RULES:
+        raise ConfigError("prune.rule", p.rule, ", ".join(RULES))
+    if not 0 <= p.ccs_hard_cutoff < 1:
+        raise ConfigError("prune.ccs_hard_cutoff", p.ccs_hard_cutoff, "a number in [0, 1)")
+    _positive("prune.ccs_strata", p.ccs_strata, integer=True)
+    if p.scores_file and not os.path.isfile(p.scores_file):
+        raise ConfigError("prune.scores_file", p.scores_file, "'' or an existing .npz file")
+    _check_scoring(config, n_dev)
     kf = p.keep_fraction
     if isinstance(kf, bool) or not isinstance(kf, (int, float)) or not 0 < kf <= 1:
         raise ConfigError("prune.keep_fraction", kf, "a number in (0, 1]")

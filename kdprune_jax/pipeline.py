@@ -1,9 +1,11 @@
-"""The one orchestration of a run: teacher -> select -> student -> eval.
+"""The one orchestration of a run: teacher -> scores -> select -> student -> eval.
 
 Each stage writes its artifact to the workdir (DESIGN.md "A run") with a fingerprint of
 everything upstream of it, and is skipped when a matching artifact is already there:
 
     DIR/teacher/       orbax checkpoint of the teacher (or imported from teacher.init)
+    DIR/proxies/<k>/   proxy models for el2n / grand / forgetting (orbax checkpoints)
+    DIR/scores/<m>.npz per-example scores of method m + metadata
     DIR/subset.json    kept indices + keep_fraction, method, seed, class counts
     DIR/student/       orbax checkpoint of the student, resumable mid-epoch
     DIR/results.json   final metrics with the config that produced them
@@ -23,7 +25,16 @@ import time
 import jax
 import numpy as np
 
-from kdprune_jax import artifacts, config_checks, data, models, selection, sharding
+from kdprune_jax import (
+    artifacts,
+    config_checks,
+    data,
+    models,
+    score_stage,
+    scoring,
+    selection,
+    sharding,
+)
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train import TrainResult, evaluate, train_model
 from kdprune_jax.train.checkpoint import Checkpointer
@@ -180,26 +191,40 @@ def _role_fingerprint(config, role: str, **upstream) -> str:
     })
 
 
-def select_subset(config, ds: Data, workdir: str) -> selection.Subset:
-    """The `select` stage: reuse DIR/subset.json when its fingerprint matches."""
+def select_subset(config, ds: Data, workdir: str, scores=None, scores_meta=None):
+    """The `select` stage: reuse DIR/subset.json when its fingerprint matches.
+
+    `scores` (float [N_train], from the scores stage) is required for every method but
+    random; the kept end follows METHOD.md (`scoring.KEEP`) unless prune.direction says
+    otherwise."""
     p = config.prune
-    fp = artifacts.fingerprint({"data": ds.fingerprint, "method": p.method,
-                                "keep_fraction": p.keep_fraction, "seed": p.seed,
-                                "balanced": p.balanced})
+    direction = scoring.KEEP[p.method] if p.direction == "auto" else p.direction
+    fp = artifacts.fingerprint({
+        "data": ds.fingerprint, "method": p.method, "keep_fraction": p.keep_fraction,
+        "seed": p.seed, "balanced": p.balanced, "direction": direction, "rule": p.rule,
+        "ccs": [p.ccs_hard_cutoff, p.ccs_strata] if p.rule == "ccs" else None,
+        "scores": (scores_meta or {}).get("fingerprint"),
+    })
     path = os.path.join(workdir, "subset.json")
     old = selection.load_subset(path)
     if old is not None and old.fingerprint == fp:
         _log(f"[select] reusing {path} ({len(old.indices)} examples)")
         return old
     if old is not None:
-        _log(f"[select] {path} is stale (different data or prune config); rebuilding")
-    subset = selection.random_balanced(ds.train_labels, ds.pool, p.keep_fraction,
-                                       ds.train.num_classes, p.seed, balanced=p.balanced)
+        _log(f"[select] {path} is stale (different data, scores or prune config); rebuilding")
+    if p.method == "random":
+        subset = selection.random_balanced(ds.train_labels, ds.pool, p.keep_fraction,
+                                           ds.train.num_classes, p.seed, balanced=p.balanced)
+    else:
+        subset = selection.select_by_score(
+            scores, ds.train_labels, ds.pool, p.keep_fraction, ds.train.num_classes,
+            method=p.method, direction=direction, rule=p.rule, balanced=p.balanced,
+            seed=p.seed, ccs_hard_cutoff=p.ccs_hard_cutoff, ccs_strata=p.ccs_strata)
     subset.fingerprint = fp
     if jax.process_index() == 0:
         selection.save_subset(path, subset)
     _log(f"[select] kept {len(subset.indices)}/{len(ds.pool)} examples "
-         f"(keep_fraction {p.keep_fraction}, {p.method}) -> {path}")
+         f"(keep_fraction {p.keep_fraction}, {p.method}, {direction}) -> {path}")
     return subset
 
 
@@ -243,6 +268,11 @@ def run(config, workdir: str) -> dict:
                           f"at most the subset size ({n_keep} examples at "
                           f"keep_fraction {p.keep_fraction})")
 
+    if p.scores_file:  # a mismatching score file stops the run before any training
+        score_stage.load_external_scores(p.scores_file, {"method": p.method,
+                                                         "data": ds.fingerprint},
+                                         len(ds.train))
+
     # ---- teacher
     teacher, teacher_fp, teacher_metrics = None, "", {}
     if config_checks.needs_teacher(config):
@@ -260,9 +290,19 @@ def run(config, workdir: str) -> dict:
         timings["teacher_seconds"] = time.perf_counter() - t
         _log(f"[teacher] test accuracy {teacher_metrics['accuracy']:.4f}")
 
+    # ---- scores
+    scores, scores_meta = None, None
+    if config.prune.method != "random":
+        t = time.perf_counter()
+        teacher_model = (score_stage.Model(*teacher, teacher_fp) if teacher is not None
+                         else None)
+        scores, scores_meta = score_stage.compute_scores(config, ds, mesh, workdir, writer,
+                                                         _log, teacher_model)
+        timings["scores_seconds"] = time.perf_counter() - t
+
     # ---- select
     t = time.perf_counter()
-    subset = select_subset(config, ds, workdir)
+    subset = select_subset(config, ds, workdir, scores, scores_meta)
     timings["select_seconds"] = time.perf_counter() - t
 
     # ---- student
@@ -299,7 +339,14 @@ def run(config, workdir: str) -> dict:
             "teacher": {"model": config.teacher.model, **teacher_metrics} if teacher else None,
             "subset": {"method": subset.method, "keep_fraction": subset.keep_fraction,
                        "num_kept": len(subset.indices), "pool_size": subset.pool_size,
-                       "seed": subset.seed},
+                       "seed": subset.seed, "direction": subset.direction,
+                       "params": subset.params},
+            # What choosing the subset cost beyond the teacher: proxy training + scoring
+            # (Paul et al.'s proxies count toward the method's pruning cost).
+            "pruning_cost": {
+                "proxy_seconds": (scores_meta or {}).get("proxy_seconds", 0.0),
+                "scoring_seconds": (scores_meta or {}).get("scoring_seconds", 0.0),
+            },
             "kd": config.kd.to_dict() if teacher is not None else {"alpha": 0.0},
             "devices": jax.device_count(),
             "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -25,9 +25,11 @@ class ForgettingTracker:
 
 
 def init_tracker(num_examples: int) -> ForgettingTracker:
-    z = jnp.zeros((num_examples,), bool)
-    return ForgettingTracker(z, jnp.zeros((num_examples,), jnp.int32), z,
-                             jnp.zeros((num_examples,), jnp.int32))
+    # Four distinct buffers: the tracker is donated with the train state, and one buffer
+    # aliased by two fields would be donated twice.
+    n = (num_examples,)
+    return ForgettingTracker(jnp.zeros(n, bool), jnp.zeros(n, jnp.int32), jnp.zeros(n, bool),
+                             jnp.zeros(n, jnp.int32))
 
 
 def update_tracker(t: ForgettingTracker, indices, correct, mask=None) -> ForgettingTracker:

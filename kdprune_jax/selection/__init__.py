@@ -1,4 +1,5 @@
-"""Subset selection: class-balanced counts, random selection, and the subset artifact."""
+"""Subset selection: class-balanced counts, random and score-based rules (keep an end,
+middle band, CCS), and the subset artifact."""
 
 from kdprune_jax.selection.balanced import (
     Subset,
@@ -7,5 +8,9 @@ from kdprune_jax.selection.balanced import (
     random_balanced,
     save_subset,
 )
+from kdprune_jax.selection.rules import DIRECTIONS, RULES, select_by_score
 
-__all__ = ["Subset", "class_keep_counts", "load_subset", "random_balanced", "save_subset"]
+__all__ = [
+    "DIRECTIONS", "RULES", "Subset", "class_keep_counts", "load_subset", "random_balanced",
+    "save_subset", "select_by_score",
+]

@@ -14,6 +14,7 @@ from flax import nnx
 
 from kdprune_jax import sharding
 from kdprune_jax.errors import UserError
+from kdprune_jax.scoring.forgetting import init_tracker
 from kdprune_jax.train.checkpoint import Checkpointer, set_aside_if_stale
 from kdprune_jax.train.metrics import MetricsWriter, ProgressBar
 from kdprune_jax.train.state import TrainState, make_optimizer
@@ -30,8 +31,12 @@ class TrainResult:
     params: object
     batch_stats: object
     steps: int
-    seconds: float  # wall time spent training in this process (0 when reused)
+    # Total wall time spent training this model, summed over interrupted runs and kept in
+    # the checkpoint metadata, so a reused model still reports what it cost.
+    seconds: float
     resumed_from: int | None
+    extra: object = None  # trackers carried in the state (e.g. forgetting)
+    reused: bool = False  # True when the checkpoint was already complete
 
 
 def train_model(
@@ -53,6 +58,7 @@ def train_model(
     log_every_steps: int = 50,
     checkpoint_every_steps: int = 500,
     log=print,
+    track_forgetting_examples: int = 0,
 ) -> TrainResult:
     """Train `model` for `num_steps` steps, resuming from `ckpt_dir` if possible.
 
@@ -61,12 +67,15 @@ def train_model(
       dataset_fn: () -> grain IterDataset of this process's batches (exactly num_steps).
       teacher: None or (graphdef, params, batch_stats) of a frozen teacher.
       fingerprint: identifies this run; a checkpoint with another fingerprint is moved aside.
+      track_forgetting_examples: if > 0, track forgetting events for example indices in
+        [0, this) on device (returned in TrainResult.extra).
     Returns:
       TrainResult with the final (replicated) params and batch stats.
     """
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx, schedule = make_optimizer(opt_cfg, steps_per_epoch, num_steps)
-    state = sharding.replicate(TrainState.create(params, batch_stats, tx), mesh)
+    extra = init_tracker(track_forgetting_examples) if track_forgetting_examples else None
+    state = sharding.replicate(TrainState.create(params, batch_stats, tx, extra), mesh)
 
     set_aside_if_stale(ckpt_dir, fingerprint, log)
     ckpt = Checkpointer(ckpt_dir)
@@ -74,8 +83,10 @@ def train_model(
     start, resumed_from = 0, None
     meta = {"fingerprint": fingerprint, "num_steps": num_steps, "name": name}
     latest = ckpt.latest_step()
+    prior_seconds = 0.0  # training time already spent by earlier (interrupted) runs
     if latest is not None:
-        state, _ = ckpt.restore(latest, state, data_iter)
+        state, saved_meta = ckpt.restore(latest, state, data_iter)
+        prior_seconds = float(saved_meta.get("train_seconds", 0.0))
         start = resumed_from = int(latest)
         if start >= num_steps:
             log(f"[{name}] already trained ({num_steps} steps); reusing {ckpt_dir}")
@@ -83,7 +94,8 @@ def train_model(
             log(f"[{name}] resumed from step {start}/{num_steps}")
     if start >= num_steps:
         ckpt.close()
-        return TrainResult(graphdef, state.params, state.batch_stats, num_steps, 0.0, start)
+        return TrainResult(graphdef, state.params, state.batch_stats, num_steps, prior_seconds,
+                           start, state.extra, reused=True)
 
     teacher_graphdef, teacher_vars = None, None
     if teacher is not None:
@@ -92,6 +104,7 @@ def train_model(
     step_fn = make_kd_train_step(
         graphdef, tx, mesh, teacher_graphdef=teacher_graphdef, alpha=alpha,
         temperature=temperature, learning_rate_fn=schedule,
+        track_forgetting=bool(track_forgetting_examples),
     )
     kill_at = _fault_injection_point()
     bar = ProgressBar(name, num_steps, start, images_per_step=global_batch_size)
@@ -131,15 +144,16 @@ def train_model(
             else:
                 bar.update(step)
             if step % checkpoint_every_steps == 0 or is_last:
+                meta["train_seconds"] = prior_seconds + time.perf_counter() - t0
                 ckpt.save(step, state, meta, data_iter, force=is_last)
             if kill_at == (name, step):
                 ckpt.wait()  # deterministic kill point: saves up to here have committed
                 _kill_self()
     bar.close()
     ckpt.close()
-    seconds = time.perf_counter() - t0
+    seconds = prior_seconds + time.perf_counter() - t0
     return TrainResult(graphdef, state.params, state.batch_stats, num_steps, seconds,
-                       resumed_from)
+                       resumed_from, state.extra)
 
 
 def _fault_injection_point():

@@ -26,10 +26,14 @@ class TrainState:
     params: Any  # nnx.State of nnx.Param
     batch_stats: Any  # nnx.State of nnx.BatchStat (running BatchNorm statistics)
     opt_state: Any
+    # Optional per-run trackers updated inside the step (e.g. the forgetting tracker);
+    # part of the state so they are sharded, donated and checkpointed with it.
+    extra: Any = None
 
     @classmethod
-    def create(cls, params, batch_stats, tx: optax.GradientTransformation) -> TrainState:
-        return cls(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params))
+    def create(cls, params, batch_stats, tx: optax.GradientTransformation,
+               extra=None) -> TrainState:
+        return cls(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), extra)
 
 
 def learning_rate_schedule(opt_cfg, steps_per_epoch: float, total_steps: int):

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from kdprune_jax import losses, sharding
+from kdprune_jax.scoring.forgetting import update_tracker
 from kdprune_jax.train.state import TrainState
 
 
@@ -25,6 +26,7 @@ def make_kd_train_step(
     alpha: float = 0.0,
     temperature: float = 1.0,
     learning_rate_fn=None,
+    track_forgetting: bool = False,
 ):
     """Build ``step(state, teacher_vars, batch) -> (state, metrics)``.
 
@@ -42,6 +44,10 @@ def make_kd_train_step(
       metrics: {"loss", "accuracy", "kd_agreement", "learning_rate"} float32 scalars
       (batch means; kd_agreement = fraction of the batch where student and teacher argmax
       agree; learning_rate = the schedule at this step, if `learning_rate_fn` is given).
+
+    With ``track_forgetting=True`` the state's `extra` must be a
+    `scoring.ForgettingTracker`; the step records each example's correctness (by its
+    ``batch["index"]``) on device, with no host work.
     """
     if teacher_graphdef is None and alpha != 0:
         raise ValueError("alpha > 0 needs a teacher")
@@ -74,7 +80,10 @@ def make_kd_train_step(
             metrics["learning_rate"] = learning_rate_fn(state.step)
         if t_logits is not None:
             metrics["kd_agreement"] = jnp.mean(pred == jnp.argmax(t_logits, -1))
-        new_state = TrainState(state.step + 1, params, new_bs, opt_state)
+        extra = state.extra
+        if track_forgetting:
+            extra = update_tracker(extra, batch["index"], pred == y)
+        new_state = TrainState(state.step + 1, params, new_bs, opt_state, extra)
         return new_state, metrics
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)

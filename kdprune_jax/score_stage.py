@@ -1,0 +1,430 @@
+"""The `scores` stage: per-example pruning scores over the whole training split.
+
+Scores are computed in fixed-size, padded batches sharded on the ("data",) mesh (one
+compile per shape; padded rows are never written), from the teacher, from K proxy models
+trained briefly on the full pool (EL2N, GraNd, forgetting; Paul et al. 2021), or from
+influence functions (METHOD.md §4). The result is DIR/scores/<method>.npz holding
+``scores`` float32 [N_train] (indexed by source position) and a JSON ``meta`` with the
+method, its parameters, the teacher / data / proxy fingerprints and the pruning cost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdprune_jax import artifacts, data, losses, models, scoring, sharding
+from kdprune_jax.errors import ArtifactError, ConfigError
+from kdprune_jax.scoring import head as head_lib
+from kdprune_jax.train import train_model
+from kdprune_jax.train.metrics import MetricsWriter
+
+TEACHER_METHODS = ("teacher_el2n", "entropy", "margin", "moderate")
+PROXY_METHODS = ("el2n", "grand", "grand_last_layer", "forgetting")
+INFLUENCE_METHODS = ("influence", "self_influence")
+SCOPES = ("full", "last_layer", "head")
+
+
+def needs_teacher(config) -> bool:
+    m = config.prune.method
+    if m in TEACHER_METHODS:
+        return True
+    if m in INFLUENCE_METHODS:
+        i = config.influence
+        return i.scope == "head" or i.model == "teacher" or i.loss == "kd"
+    return False
+
+
+def needs_proxies(config) -> bool:
+    m = config.prune.method
+    return m in PROXY_METHODS or (m in INFLUENCE_METHODS and config.influence.scope != "head"
+                                  and config.influence.model == "proxy")
+
+
+@dataclasses.dataclass
+class Model:
+    """A frozen model: (graphdef, params, batch_stats) plus its fingerprint."""
+
+    graphdef: object
+    params: object
+    batch_stats: object
+    fingerprint: str
+
+
+# ----------------------------------------------------------------------------- batch passes
+def _eval_batches(ds, config, indices):
+    _, eval_fn = data.make_transforms(config.data.augment, config.data.image_size,
+                                      config.data.mean, config.data.std)
+    dataset, _ = data.eval_dataset(
+        ds.train, indices, labels=ds.train_labels, global_batch_size=config.score.batch_size,
+        transform=eval_fn, process_index=jax.process_index(),
+        process_count=jax.process_count(), num_workers=config.data.num_workers,
+        prefetch=config.data.prefetch)
+    return dataset
+
+
+def batch_pass(fn, args, ds, config, indices, mesh, n_out: int | None = None):
+    """Run ``fn(*args, batch) -> [B] or [B, K]`` over `indices` of the train split.
+
+    `fn` is jitted once with replicated args and a "data"-sharded batch. Returns a float32
+    array [len(train), ...] holding each example's row at its source index (NaN elsewhere);
+    rows of padding (mask 0) are dropped, so a fake example is never scored.
+    """
+    repl, bsh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    jfn = jax.jit(fn, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=bsh)
+    args = sharding.replicate(args, mesh)
+    out = None
+    pending = []
+
+    def flush():
+        nonlocal out
+        for idx, mask, vals in jax.device_get(pending):
+            if out is None:
+                out = np.full((len(ds.train),) + vals.shape[1:], np.nan, np.float32)
+            keep = mask > 0
+            out[idx[keep]] = vals[keep]
+        pending.clear()
+
+    for batch in _eval_batches(ds, config, indices):
+        g = sharding.to_global(batch, mesh)
+        pending.append((g["index"], g["mask"], jfn(*args, g)))
+        if len(pending) >= 16:  # bound host memory; the device stays ahead meanwhile
+            flush()
+    flush()
+    return out
+
+
+def _forward(graphdef):
+    def fn(params, bs, batch):
+        logits, feats = nnx.merge(graphdef, params, bs)(batch["image"], train=False,
+                                                        return_features=True)
+        return jnp.concatenate([logits, feats], axis=-1)
+
+    return fn
+
+
+def logits_and_features(model: Model, ds, config, indices, mesh, num_classes):
+    """Inference-mode logits [N, C] and penultimate features [N, D] (NaN outside indices)."""
+    out = batch_pass(_forward(model.graphdef), (model.params, model.batch_stats), ds, config,
+                     indices, mesh)
+    return out[:, :num_classes], out[:, num_classes:]
+
+
+# ----------------------------------------------------------------------------- proxies
+def train_proxies(config, ds, mesh, workdir, writer, log, track_forgetting=False):
+    """K proxy models (the student architecture, CE on the full pool, proxy.num_epochs)
+    from seeds seed+100+k; each resumable in DIR/proxies/<k>. Returns (models, seconds)."""
+    p = config.proxy
+    o = config.student.optim.copy_and_resolve_references()
+    with o.unlocked():
+        o.num_epochs = p.num_epochs
+    n_models = 1 if config.prune.method == "forgetting" else p.num_models
+    out, seconds = [], 0.0
+    train_fn, _ = data.make_transforms(config.data.augment, config.data.image_size,
+                                       config.data.mean, config.data.std)
+    for k in range(n_models):
+        seed = config.seed + 100 + k
+        model_name = p.model or config.student.model
+        fp = artifacts.fingerprint({"proxy": k, "model": model_name, "width": config.student.width,
+                                    "optim": o.to_dict(), "seed": seed, "data": ds.fingerprint,
+                                    "forgetting": track_forgetting})
+        num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
+        if num_steps < 1:
+            raise ConfigError("proxy.num_epochs", p.num_epochs,
+                              "enough epochs for at least one optimizer step")
+
+        def dataset_fn(seed=seed, num_steps=num_steps):
+            return data.train_dataset(
+                ds.train, ds.pool, labels=ds.train_labels, global_batch_size=o.batch_size,
+                num_steps=num_steps, seed=seed, transform=train_fn,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+                num_workers=config.data.num_workers, prefetch=config.data.prefetch)
+
+        model = models.create_model(model_name, num_classes=ds.train.num_classes, seed=seed,
+                                    width=config.student.width)
+        res = train_model(
+            name=f"proxy{k}", model=model, dataset_fn=dataset_fn, num_steps=num_steps,
+            steps_per_epoch=len(ds.pool) / o.batch_size, opt_cfg=o, mesh=mesh,
+            ckpt_dir=os.path.join(workdir, "proxies", str(k)), fingerprint=fp, writer=writer,
+            global_batch_size=o.batch_size, log_every_steps=config.log_every_steps,
+            checkpoint_every_steps=config.checkpoint_every_steps, log=log,
+            track_forgetting_examples=len(ds.train) if track_forgetting else 0)
+        seconds += res.seconds
+        out.append((Model(res.graphdef, res.params, res.batch_stats, fp), res.extra))
+    return out, seconds
+
+
+# ----------------------------------------------------------------------------- influence
+def _model_losses(graphdef, loss: str, lam: float, tau: float, params_of):
+    """Per-example losses of an nnx model in inference mode -> fn(p, frozen, batch) [B].
+
+    params_of(p, frozen) -> (params, batch_stats) lets the caller differentiate a part
+    (the head) while the rest stays frozen. KD targets come from batch["teacher_logits"].
+    """
+    def fn(p, frozen, batch):
+        params, bs = params_of(p, frozen)
+        logits = nnx.merge(graphdef, params, bs)(batch["image"], train=False)
+        t = batch.get("teacher_logits") if loss == "kd" else None
+        return losses.kd_loss(logits, t, batch["label"], alpha=lam if loss == "kd" else 0.0,
+                              temperature=tau)
+
+    return fn
+
+
+def _load_rows(ds, config, indices, mesh, teacher_logits=None):
+    """A set of train examples as ONE sharded batch (images, labels, teacher logits)."""
+    n_dev = jax.device_count()
+    indices = np.asarray(indices)
+    n = len(indices) // n_dev * n_dev  # a whole number of rows per device
+    indices = indices[:max(n, n_dev)]
+    _, eval_fn = data.make_transforms(config.data.augment, config.data.image_size,
+                                      config.data.mean, config.data.std)
+    batch = {"image": np.stack([eval_fn(ds.train.source[int(i)]["image"]) for i in indices]),
+             "label": ds.train_labels[indices].astype(np.int32)}
+    if teacher_logits is not None:
+        batch["teacher_logits"] = teacher_logits[indices].astype(np.float32)
+    return jax.device_put(batch, sharding.batch_sharded(mesh))
+
+
+def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Model | None,
+                         t_logits=None, t_feats=None):
+    """influence / self_influence over the train split, per config.influence (see module)."""
+    i = config.influence
+    method = config.prune.method
+    lam, tau = i.kd_weight, i.temperature
+    all_idx = np.arange(len(ds.train))
+    rng = np.random.default_rng(config.seed)
+
+    if i.scope in ("head", "last_layer"):
+        # Linear problem on frozen features: a convex head (scope head, refit on teacher
+        # features) or the model's own trained head (scope last_layer).
+        src = teacher if (i.scope == "head" or i.model == "teacher") else proxy
+        if i.scope == "head" or src is teacher:
+            feats, logits_src = t_feats, t_logits
+        else:
+            logits_src, feats = logits_and_features(src, ds, config, all_idx, mesh,
+                                                    ds.train.num_classes)
+        def rows(idx):
+            b = {"features": jnp.asarray(feats[idx]), "label": jnp.asarray(ds.train_labels[idx])}
+            if t_logits is not None:
+                b["teacher_logits"] = jnp.asarray(t_logits[idx])
+            return b
+
+        loss_lam = lam if i.loss == "kd" else 0.0
+        l2 = i.l2 if i.scope == "head" else 0.0
+        train_b, val_b = rows(ds.pool), rows(ds.val)
+        if i.scope == "head":
+            theta, info = head_lib.fit_head(
+                train_b, head_lib.init_head(feats.shape[1], ds.train.num_classes),
+                lam=loss_lam, temperature=tau, l2=l2, max_iters=i.head_max_iters, tol=1e-6)
+            log(f"[scores] head fit: {int(info['iterations'])} L-BFGS iterations, "
+                f"grad norm {float(info['grad_norm']):.2e}")
+        else:
+            # The model's own trained head (an nnx.Linear named `head`, see models/).
+            hp = src.params["head"]
+            theta = {"w": jnp.asarray(hp["kernel"].get_value()),
+                     "b": jnp.asarray(hp["bias"].get_value())}
+            del logits_src
+        per_ex = functools.partial(head_lib.head_losses, lam=loss_lam, temperature=tau)
+        train_obj = functools.partial(head_lib.head_objective, lam=loss_lam, temperature=tau,
+                                      l2=l2)
+        val_obj = lambda p, b: jnp.mean(per_ex(p, b))  # noqa: E731
+        if method == "self_influence":
+            def one(p, ex):
+                return per_ex(p, jax.tree.map(lambda a: a[None], ex))[0]
+            out = np.full(len(ds.train), np.nan, np.float32)
+            for start in range(0, len(all_idx), 4096):
+                idx = all_idx[start:start + 4096]
+                out[idx] = np.asarray(scoring.self_influence(
+                    one, train_obj, theta, train_b, rows(idx),
+                    solver="exact" if i.solver == "exact" else "cg",
+                    damping=i.damping, max_iters=i.max_iters, tol=i.tol))
+            return out
+        s, info = scoring.s_test(train_obj, val_obj, theta, train_b, val_b, solver=i.solver,
+                                 damping=i.damping, max_iters=i.max_iters, tol=i.tol,
+                                 lissa_scale=i.lissa_scale)
+        scoring.check_solve(info, solver=i.solver, tol=i.tol)
+        out = np.full(len(ds.train), np.nan, np.float32)
+        for start in range(0, len(all_idx), 8192):
+            idx = all_idx[start:start + 8192]
+            out[idx] = np.asarray(scoring.influence_from_s_test(per_ex, theta, rows(idx), s))
+        return out
+
+    # scope full: every parameter of the teacher or proxy network (inference-mode BN).
+    if method == "self_influence":
+        raise ConfigError("influence.scope", i.scope,
+                          "head or last_layer for self_influence (one inverse-HVP solve per "
+                          "example is unaffordable over all parameters)")
+    src = teacher if i.model == "teacher" else proxy
+    kd_targets = t_logits if i.loss == "kd" else None
+    loss_fn = _model_losses(src.graphdef, i.loss, lam, tau, lambda p, bs: (p, bs))
+    hess_idx = rng.permutation(ds.pool)[: i.hessian_examples or len(ds.pool)]
+    hess_b = _load_rows(ds, config, hess_idx, mesh, kd_targets)
+    val_b = _load_rows(ds, config, ds.val, mesh, kd_targets)
+    bs = sharding.replicate(src.batch_stats, mesh)
+    params = sharding.replicate(src.params, mesh)
+    train_obj = lambda p, b: jnp.mean(loss_fn(p, bs, b))  # noqa: E731
+    s, info = scoring.s_test(train_obj, train_obj, params, hess_b, val_b, solver=i.solver,
+                             damping=i.damping, max_iters=i.max_iters, tol=i.tol,
+                             lissa_scale=i.lissa_scale)
+    scoring.check_solve(info, solver=i.solver, tol=i.tol)
+    log(f"[scores] s_test: {int(info['iterations'])} {i.solver} iterations, relative "
+        f"residual {float(info['residual']):.2e}")
+
+    def batch_fn(p, s, bs, batch):
+        b = {"image": batch["image"], "label": batch["label"]}
+        if kd_targets is not None:
+            b["teacher_logits"] = batch["teacher_logits"]
+        return jax.jvp(lambda q: loss_fn(q, bs, b), (p,), (s,))[1]
+
+    if kd_targets is not None:
+        # Teacher logits ride along with each batch: computed inside the pass.
+        t = teacher
+
+        def batch_fn_kd(p, s, bs, tp, tbs, batch):
+            tl = nnx.merge(t.graphdef, tp, tbs)(batch["image"], train=False)
+            return batch_fn(p, s, bs, {**batch, "teacher_logits": tl})
+
+        return batch_pass(batch_fn_kd, (params, s, bs, t.params, t.batch_stats), ds, config,
+                          all_idx, mesh)
+    return batch_pass(batch_fn, (params, s, bs), ds, config, all_idx, mesh)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _grand_fn(graphdef, chunk_size):
+    def fn(params, bs, batch):
+        def loss(p, ex):
+            logits = nnx.merge(graphdef, p, bs)(ex["image"][None], train=False)
+            return losses.cross_entropy(logits, ex["label"][None])[0]
+
+        return scoring.grand_scores(loss, params, {"image": batch["image"],
+                                                   "label": batch["label"]},
+                                    chunk_size=chunk_size)
+
+    return fn
+
+
+def score_params(config) -> dict:
+    """The config fields a method's scores depend on (recorded in the score metadata)."""
+    m = config.prune.method
+    out = {"method": m, "data_eval": [config.data.augment, config.data.image_size,
+                                      list(config.data.mean), list(config.data.std)]}
+    if m in PROXY_METHODS or needs_proxies(config):
+        out["proxy"] = config.proxy.to_dict()
+        out["student"] = [config.student.model, config.student.width,
+                          config.student.optim.to_dict()]
+    if m in INFLUENCE_METHODS:
+        out["influence"] = config.influence.to_dict()
+    if m == "grand":
+        out["grand_chunk"] = config.score.grand_chunk_size
+    return out
+
+
+def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
+                   teacher: Model | None):
+    """Scores [N_train] for config.prune.method, reusing DIR/scores/<method>.npz when its
+    metadata matches. Returns (scores, meta)."""
+    method = config.prune.method
+    meta = {"method": method, "params": score_params(config), "data": ds.fingerprint,
+            "teacher": teacher.fingerprint if teacher is not None else ""}
+    fp = artifacts.fingerprint(meta)
+    if config.prune.scores_file:
+        return load_external_scores(config.prune.scores_file, meta, len(ds.train))
+    path = os.path.join(workdir, "scores", f"{method}.npz")
+    old = read_scores(path)
+    if old is not None and old[1].get("fingerprint") == fp:
+        log(f"[scores] reusing {path}")
+        return old
+    if old is not None:
+        log(f"[scores] {path} is stale (different data, teacher or parameters); recomputing")
+
+    t0 = time.perf_counter()
+    all_idx = np.arange(len(ds.train))
+    num_classes = ds.train.num_classes
+    proxy_seconds = 0.0
+    t_logits = t_feats = None
+    if teacher is not None:
+        t_logits, t_feats = logits_and_features(teacher, ds, config, all_idx, mesh,
+                                                num_classes)
+    proxies = []
+    if needs_proxies(config):
+        proxies, proxy_seconds = train_proxies(config, ds, mesh, workdir, writer, log,
+                                               track_forgetting=method == "forgetting")
+    labels = ds.train_labels
+    if method == "teacher_el2n":
+        scores = np.asarray(scoring.el2n_from_logits(t_logits, labels))
+    elif method == "entropy":
+        scores = np.asarray(scoring.entropy_from_logits(t_logits))
+    elif method == "margin":
+        scores = np.asarray(scoring.margin_from_logits(t_logits))
+    elif method == "moderate":
+        scores = scoring.moderate_scores(t_feats, labels, num_classes)
+    elif method == "forgetting":
+        scores = np.asarray(jax.device_get(scoring.forgetting_scores(proxies[0][1])))
+    elif method in ("el2n", "grand_last_layer"):
+        per = []
+        for model, _ in proxies:
+            lg, ft = logits_and_features(model, ds, config, all_idx, mesh, num_classes)
+            per.append(scoring.el2n_from_logits(lg, labels) if method == "el2n" else
+                       scoring.grand_last_layer_from_features(ft, lg, labels))
+        scores = np.mean(np.stack([np.asarray(p) for p in per]), axis=0)
+    elif method == "grand":
+        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size),
+                          (m.params, m.batch_stats), ds, config, all_idx, mesh)
+               for m, _ in proxies]
+        scores = np.mean(np.stack(per), axis=0)
+    elif method in INFLUENCE_METHODS:
+        proxy = proxies[0][0] if proxies else None
+        scores = influence_scores_for(config, ds, mesh, log, teacher, proxy, t_logits, t_feats)
+    else:
+        raise ConfigError("prune.method", method, ", ".join(scoring.METHODS))
+    scores = np.asarray(scores, np.float32)
+    scoring_seconds = time.perf_counter() - t0 - proxy_seconds
+    meta.update(fingerprint=fp, proxy_seconds=round(proxy_seconds, 3),
+                scoring_seconds=round(scoring_seconds, 3),
+                proxies=[m.fingerprint for m, _ in proxies])
+    if jax.process_index() == 0:
+        artifacts.write_npz(path, scores=scores, meta=meta)
+    log(f"[scores] {method}: {len(scores)} scores in {scoring_seconds:.1f} s "
+        f"(+ {proxy_seconds:.1f} s proxy training) -> {path}")
+    return scores, meta
+
+
+def read_scores(path):
+    """(scores, meta) from a score file, or None when missing or unreadable."""
+    try:
+        with np.load(path) as z:
+            return z["scores"], json.loads(str(z["meta"]))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def load_external_scores(path, want: dict, n: int):
+    """A user-supplied score file (prune.scores_file): its metadata must match this run's
+    method, data and (if `want` names one) teacher; it is only read, never overwritten.
+    Called once right after the data loads (method + data, before any training) and again
+    in the scores stage (+ teacher)."""
+    got = read_scores(path)
+    if got is None:
+        raise ConfigError("prune.scores_file", path, "a readable .npz written by kdprune_jax "
+                          "(arrays 'scores' and 'meta')")
+    scores, meta = got
+    for key, what in (("method", "scoring method"), ("data", "data (source, split, "
+                      "validation split, label noise)"), ("teacher", "teacher")):
+        if key in want and meta.get(key) != want[key]:
+            raise ArtifactError(
+                f"score file {path} was computed for a different {what}: "
+                f"{meta.get(key)!r} there, {want[key]!r} in this run; recompute the scores "
+                "(leave prune.scores_file empty) or pass the matching file")
+    if len(scores) != n:
+        raise ArtifactError(f"score file {path} has {len(scores)} scores, the training split "
+                            f"has {n} examples")
+    return scores, meta

@@ -1,0 +1,76 @@
+"""A linear head on frozen features, trained with the KD-aligned loss (METHOD.md §5.2):
+
+    l_i(theta) = (1 - lam) CE(y_i, softmax(z_i))
+                 + lam tau^2 KL(softmax(t_i / tau) || softmax(z_i / tau)),    z_i = h_i W + b
+    objective = sum_i w_i l_i / sum_i w_i + (mu/2) ||theta||^2
+
+With lam = 0 it is plain softmax regression. The objective is convex in theta = (W, b), so
+influence functions on it are well-posed (scope "head" in METHOD.md §4) and an exact or CG
+inverse Hessian is accurate. Batches are dicts {"features" [B, D], "label" int [B],
+"teacher_logits" [B, C] (unused when lam = 0), optional "weight" [B]}.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdprune_jax import losses
+
+
+def init_head(dim: int, num_classes: int):
+    return {"w": jnp.zeros((dim, num_classes), jnp.float32),
+            "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def head_logits(params, features):
+    return features.astype(jnp.float32) @ params["w"] + params["b"]
+
+
+def head_losses(params, batch, *, lam: float, temperature: float):
+    """Per-example KD-aligned loss l_i -> float32 [B] (no regularizer)."""
+    z = head_logits(params, batch["features"])
+    t = batch.get("teacher_logits") if lam > 0 else None
+    return losses.kd_loss(z, t, batch["label"], alpha=lam, temperature=temperature)
+
+
+def head_objective(params, batch, *, lam: float, temperature: float, l2: float):
+    """Weighted mean of `head_losses` + (l2/2)||theta||^2 (the training objective)."""
+    per = head_losses(params, batch, lam=lam, temperature=temperature)
+    w = batch.get("weight")
+    mean = jnp.mean(per) if w is None else jnp.sum(w * per) / jnp.sum(w)
+    reg = 0.5 * l2 * sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+    return mean + reg
+
+
+@functools.partial(jax.jit, static_argnames=("lam", "temperature", "l2", "max_iters", "tol"))
+def fit_head(batch, init, *, lam: float, temperature: float, l2: float,
+             max_iters: int = 500, tol: float = 1e-5):
+    """Minimize `head_objective` from `init` with L-BFGS inside a lax.while_loop.
+
+    Returns (params, info) with info = {"iterations", "grad_norm"}; stops when the gradient
+    norm < tol or after max_iters.
+    """
+    fun = functools.partial(head_objective, batch=batch, lam=lam, temperature=temperature,
+                            l2=l2)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fun)
+
+    def cond(c):
+        _, _, k, gnorm = c
+        return (k < max_iters) & (gnorm > tol)
+
+    def body(c):
+        params, state, k, _ = c
+        value, grad = value_and_grad(params, state=state)
+        updates, state = opt.update(grad, state, params, value=value, grad=grad,
+                                    value_fn=fun)
+        params = optax.apply_updates(params, updates)
+        return params, state, k + 1, optax.tree.norm(grad)
+
+    params, _, k, _ = jax.lax.while_loop(cond, body, (init, opt.init(init), 0, jnp.inf))
+    gnorm = optax.tree.norm(jax.grad(fun)(params))
+    return params, {"iterations": k, "grad_norm": gnorm}
