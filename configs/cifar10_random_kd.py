@@ -1,5 +1,7 @@
 r"""CIFAR-10: ResNet-56 teacher -> random class-balanced subset -> ResNet-20 student with KD.
 
+(`configs/cifar10_kd.py` with the method fixed to `random`.)
+
     python -m kdprune_jax.main --config=configs/cifar10_random_kd.py --workdir=/tmp/c10_random
 
 Data: the offline JPEG archive (../shared/data/cifar10/cifar10-jpeg.tar.gz, or the path in
@@ -10,8 +12,8 @@ Args (comma-separated): `smoke` (tiny models, 20 images per class, a few steps: 
 Recipe: 200 epochs each, SGD momentum 0.9 Nesterov, lr 0.1 cosine, wd 5e-4, batch 128,
 pad-4 crop + flip; KD tau 4, alpha 0.9 (METHOD §2); keep_fraction 0.5.
 Measured on the 2-core CPU this project is built on (JAX 0.10.2, 1 CPU device): the full
-recipe is GPU/TPU-scale (ResNet-56 at ~100 img/s here) and has NOT been run. A reduced run on
-the real 50,000-image archive,
+recipe is GPU/TPU-scale and has NOT been run here. A reduced run on the real 50,000-image
+archive,
 
     python -m kdprune_jax.main --config=configs/cifar10_random_kd.py --workdir=/tmp/c10_r8 \
       --config.teacher.model=cifar_resnet8 --config.teacher.optim.num_epochs=3 \
@@ -25,40 +27,14 @@ student (23,750 of 47,500 images, KD) 0.6201, on the 10,000 test images; seed 0,
 import importlib.util
 import os
 
-_ARCHIVE = os.environ.get(
-    "KDPRUNE_CIFAR10_ARCHIVE",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
-                 "cifar10", "cifar10-jpeg.tar.gz"),
-)
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def get_config(arg: str = ""):
-    args = set(filter(None, arg.split(",")))
-    unknown = args - {"smoke", "tfds"}
+    """Same as ``configs/cifar10_kd.py:random[,arg]``."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_kd.py")
+    spec = importlib.util.spec_from_file_location("kdprune_configs_cifar10_kd", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    unknown = set(filter(None, arg.split(","))) - {"smoke", "tfds"}
     if unknown:
         raise ValueError(f"unknown config args {sorted(unknown)}; allowed: smoke, tfds")
-    c = _base().get_config()
-    if "tfds" in args:
-        c.data.source, c.data.name = "tfds", "cifar10"
-    else:
-        c.data.source, c.data.path = "image_folder", os.path.normpath(_ARCHIVE)
-    c.data.augment = "cifar"
-    c.teacher.model, c.student.model = "cifar_resnet56", "cifar_resnet20"
-    if "smoke" in args:
-        c.data.max_per_class = 20
-        c.teacher.model, c.student.model = "cifar_resnet8", "cifar_resnet8"
-        c.teacher.width = c.student.width = 0.25
-        c.teacher.optim.num_epochs, c.student.optim.num_epochs = 1, 2
-        c.teacher.optim.batch_size = c.student.optim.batch_size = 32
-        c.eval.batch_size = 64
-        c.log_every_steps, c.checkpoint_every_steps = 2, 4
-    c.lock()
-    return c
+    return mod.get_config(",".join(["random", *filter(None, arg.split(","))]))

@@ -1,16 +1,21 @@
 """Per-example losses. Reduction (mean, masked sum, weighting) is always the caller's.
 
-All functions take logits of shape [..., C] (any float dtype; computed in float32) and return
-per-example values of shape [...] in float32.
+All functions take logits of shape [..., C] (any float dtype; computed in at least float32)
+and return per-example values of shape [...].
 """
 
 import jax
 import jax.numpy as jnp
 
 
+def _f32(x: jax.Array) -> jax.Array:
+    """At least float32 (bf16/f16 logits are upcast; float64 stays float64 under x64)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """CE(y, softmax(s)) per example. logits [..., C], labels int [...] -> [...]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(_f32(logits), axis=-1)
     return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
@@ -20,8 +25,8 @@ def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array, temperat
     Uses the teacher's log-probabilities directly (not log of probabilities) so that a
     teacher probability of exactly zero contributes 0, never NaN.
     """
-    t = teacher_logits.astype(jnp.float32) / temperature
-    s = student_logits.astype(jnp.float32) / temperature
+    t = _f32(teacher_logits) / temperature
+    s = _f32(student_logits) / temperature
     logp_t = jax.nn.log_softmax(t, axis=-1)
     logp_s = jax.nn.log_softmax(s, axis=-1)
     return jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1)
@@ -50,7 +55,7 @@ def kd_loss(
       alpha: weight of the KD term in [0, 1] (python float or scalar array).
       temperature: tau > 0.
     Returns:
-      float32 [B].
+      [B], float32 (float64 for float64 inputs).
     """
     ce = cross_entropy(student_logits, labels)
     if teacher_logits is None:

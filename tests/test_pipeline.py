@@ -205,15 +205,20 @@ def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path):
     assert ra["student"]["test"] == rb["student"]["test"]
 
 
-def test_cifar10_smoke_on_real_archive(tmp_path):
-    cifar_archive()
-    config = load_config("cifar10_random_kd.py", "smoke")
+@pytest.mark.parametrize("cfg", ["cifar10_random_kd.py:smoke", "cifar10_kd.py:el2n,smoke",
+                                 "cifar10_kd.py:influence,smoke"])
+def test_cifar10_smoke_on_real_archive(tmp_path, cfg):
+    name, arg = cfg.split(":")
+    config = load_config(name, arg)
     with config.unlocked():
         config.data.path = cifar_archive()
     r = pipeline.run(config, str(tmp_path))
     assert r["student"]["test"]["count"] == 200  # 20 per class of the real test split
     assert r["subset"]["num_kept"] == round(0.5 * r["subset"]["pool_size"])
+    assert r["subset"]["method"] == config.prune.method
     assert np.isfinite(r["student"]["test"]["loss"])
+    if config.prune.method == "el2n":
+        assert r["pruning_cost"]["proxy_seconds"] > 0  # K proxies trained, cost reported
 
 
 def test_imagenet_smoke_on_tfds_mock_data(tmp_path):

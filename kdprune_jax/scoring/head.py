@@ -21,13 +21,15 @@ import optax
 from kdprune_jax import losses
 
 
-def init_head(dim: int, num_classes: int):
-    return {"w": jnp.zeros((dim, num_classes), jnp.float32),
-            "b": jnp.zeros((num_classes,), jnp.float32)}
+def init_head(dim: int, num_classes: int, dtype=jnp.float32):
+    """Zero init: the convex objective has one minimizer, and a fixed start makes inner
+    solves reproducible."""
+    return {"w": jnp.zeros((dim, num_classes), dtype), "b": jnp.zeros((num_classes,), dtype)}
 
 
 def head_logits(params, features):
-    return features.astype(jnp.float32) @ params["w"] + params["b"]
+    """Logits [B, C] of the head on features [B, D] (computed in the params' dtype)."""
+    return features.astype(params["w"].dtype) @ params["w"] + params["b"]
 
 
 def head_losses(params, batch, *, lam: float, temperature: float):

@@ -1,0 +1,219 @@
+"""IF-Beta's bilevel step (METHOD.md §5.6; our reconstruction of paper B).
+
+Policy parameters phi = (a~, b~) define keep probabilities pi(phi) over the pool
+(`selection.policy`). Inner problem: the KD-aligned linear head on cached teacher features,
+
+    theta*(pi) = argmin_theta  sum_i pi_i l_i(theta) / sum_i pi_i + (mu/2) ||theta||^2
+
+Outer objective: L_out(theta*) = mean KD-aligned loss on the validation split V1. By the
+implicit function theorem,
+
+    v = H_pi^{-1} grad L_out(theta*)                            (CG with HVPs)
+    dL_out/dphi = - vjp[phi -> grad_theta F(theta*, pi(phi))](v)
+
+`make_outer_step` returns ONE jitted function doing inner solve + CG + hypergradient + optax
+update. Alternatives kept for checking it: `finite_difference_grad`, `reinforce_grad`,
+`grid_objectives`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdprune_jax import autodiff, sharding
+from kdprune_jax.scoring import head as head_lib
+from kdprune_jax.selection import policy
+
+
+@flax.struct.dataclass
+class Problem:
+    """Device arrays of one IF-Beta problem (pool rows sharded on "data").
+
+    train: {"features" [N, D], "label" int [N], "teacher_logits" [N, C]} of the pool.
+    u: [N] within-class influence ranks in (0, 1). counts: int [C] kept per class.
+    val / val2: the same dict for V1 (outer objective) and V2 (early stopping).
+    """
+
+    train: dict
+    u: jax.Array
+    counts: jax.Array
+    val: dict
+    val2: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Static hyperparameters (hashable: part of the jit cache key)."""
+
+    num_classes: int
+    lam: float = 0.9  # KD weight of the KD-aligned loss
+    temperature: float = 4.0
+    l2: float = 1e-4  # mu
+    inner_max_iters: int = 200
+    inner_tol: float = 1e-5
+    cg_max_iters: int = 100
+    cg_tol: float = 1e-5
+    damping: float = 0.0
+    warm_start: bool = True  # start each inner solve from the previous theta*
+
+
+@flax.struct.dataclass
+class PolicyState:
+    phi: jax.Array  # [2] = (a~, b~)
+    opt_state: optax.OptState
+    theta: dict  # last inner solution (warm start)
+    step: jax.Array
+
+
+def _pi(phi, prob: Problem, s: Settings):
+    return policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
+                                     prob.counts, s.num_classes)
+
+
+def _inner_objective(theta, pi, train, s: Settings):
+    return head_lib.head_objective(theta, {**train, "weight": pi}, lam=s.lam,
+                                   temperature=s.temperature, l2=s.l2)
+
+
+def outer_loss(theta, batch, s: Settings):
+    """Mean KD-aligned loss of the head on a held-out split (no regularizer)."""
+    return jnp.mean(head_lib.head_losses(theta, batch, lam=s.lam, temperature=s.temperature))
+
+
+def inner_solve(phi, theta0, prob: Problem, s: Settings):
+    """theta*(pi(phi)) by L-BFGS from theta0. Returns (theta, pi, info)."""
+    pi = _pi(phi, prob, s)
+    theta, info = head_lib.fit_head({**prob.train, "weight": pi}, theta0, lam=s.lam,
+                                    temperature=s.temperature, l2=s.l2,
+                                    max_iters=s.inner_max_iters, tol=s.inner_tol)
+    return theta, pi, info
+
+
+def hypergradient(phi, theta, prob: Problem, s: Settings):
+    """dL_out/dphi at theta = theta*(pi(phi)) by the implicit function theorem.
+    Returns (grad [2], cg_info)."""
+    g_out = jax.grad(outer_loss)(theta, prob.val, s)
+    pi = _pi(phi, prob, s)
+    v, cg_info = autodiff.solve_cg(lambda th: _inner_objective(th, pi, prob.train, s), theta,
+                                   g_out, damping=s.damping, max_iters=s.cg_max_iters,
+                                   tol=s.cg_tol)
+
+    def grad_theta_of_phi(ph):
+        return jax.grad(_inner_objective)(theta, _pi(ph, prob, s), prob.train, s)
+
+    _, vjp = jax.vjp(grad_theta_of_phi, phi)
+    (d_phi,) = vjp(v)
+    return -d_phi, cg_info
+
+
+def init_state(phi0, theta0, tx) -> PolicyState:
+    phi0 = jnp.asarray(phi0, jnp.float32)
+    return PolicyState(phi0, tx.init(phi0), theta0, jnp.zeros((), jnp.int32))
+
+
+def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
+    """ONE jitted outer step: inner solve -> CG -> implicit hypergradient -> optax update.
+
+    ``step(state, problem) -> (state, metrics)``; metrics: a, b, outer (V1 objective at the
+    step's theta*), heldout (V2), inner_grad_norm, inner_iters, cg_residual, cg_iters,
+    grad_norm. The problem's pool rows are sharded on "data"; the policy state is
+    replicated and donated.
+    """
+
+    def step(state: PolicyState, prob: Problem):
+        theta0 = state.theta if s.warm_start else jax.tree.map(jnp.zeros_like, state.theta)
+        theta, _, info = inner_solve(state.phi, theta0, prob, s)
+        d_phi, cg_info = hypergradient(state.phi, theta, prob, s)
+        updates, opt_state = tx.update(d_phi, state.opt_state, state.phi)
+        phi = optax.apply_updates(state.phi, updates)
+        a, b = policy.beta_params(state.phi)
+        metrics = {
+            "a": a, "b": b, "outer": outer_loss(theta, prob.val, s),
+            "heldout": outer_loss(theta, prob.val2, s),
+            "inner_grad_norm": info["grad_norm"], "inner_iters": info["iterations"],
+            "cg_residual": cg_info["residual"], "cg_iters": cg_info["iterations"],
+            "grad_norm": jnp.linalg.norm(d_phi),
+        }
+        return PolicyState(phi, opt_state, theta, state.step + 1), metrics
+
+    repl = sharding.replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, problem_shardings(mesh)),
+                   out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def problem_shardings(mesh):
+    """Pool/val rows on "data" would need equal splits; the pool is small (features, not
+    images), so the problem is replicated and XLA partitions the reductions itself."""
+    return sharding.replicated(mesh)
+
+
+# ----------------------------------------------------------------------------- checks
+@functools.partial(jax.jit, static_argnames=("s",))
+def objective_at(phi, prob: Problem, s: Settings):
+    """L_out(theta*(pi(phi))) with a fresh inner solve from zero."""
+    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
+                                prob.train["features"].dtype)
+    theta, _, _ = inner_solve(phi, theta0, prob, s)
+    return outer_loss(theta, prob.val, s)
+
+
+def implicit_grad_at(phi, prob: Problem, s: Settings):
+    """The implicit hypergradient at phi (fresh inner solve from zero)."""
+    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
+                                prob.train["features"].dtype)
+    theta, _, _ = inner_solve(phi, theta0, prob, s)
+    return hypergradient(phi, theta, prob, s)
+
+
+def finite_difference_grad(phi, prob: Problem, s: Settings, eps: float = 1e-2):
+    """Central differences of `objective_at` on (a~, b~): the check for the implicit
+    gradient (config policy.check_grad). Returns [2]."""
+    g = []
+    for k in range(2):
+        e = jnp.zeros(2, phi.dtype).at[k].set(eps)
+        g.append((objective_at(phi + e, prob, s) - objective_at(phi - e, prob, s)) / (2 * eps))
+    return jnp.stack(g)
+
+
+def reinforce_grad(phi, prob: Problem, s: Settings, key, num_samples: int = 8):
+    """Score-function (REINFORCE) estimate of d E[L_out] / d phi with independent
+    Bernoulli(pi_i) subsets, leave-one-out baseline. Unbiased but noisy: kept as a check
+    on the implicit gradient's direction."""
+    pi = _pi(phi, prob, s)
+    keys = jax.random.split(key, num_samples)
+    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
+                                prob.train["features"].dtype)
+
+    def sample(k):
+        m = jax.random.bernoulli(k, pi).astype(pi.dtype)
+        theta, _ = head_lib.fit_head({**prob.train, "weight": m + 1e-6}, theta0, lam=s.lam,
+                                     temperature=s.temperature, l2=s.l2,
+                                     max_iters=s.inner_max_iters, tol=s.inner_tol)
+        return m, outer_loss(theta, prob.val, s)
+
+    masks, rewards = jax.lax.map(sample, keys)
+    baseline = (jnp.sum(rewards) - rewards) / (num_samples - 1)
+
+    def logp(ph, m):
+        p = jnp.clip(_pi(ph, prob, s), 1e-6, 1 - 1e-6)
+        return jnp.sum(m * jnp.log(p) + (1 - m) * jnp.log1p(-p))
+
+    grads = jax.vmap(lambda m: jax.grad(logp)(phi, m))(masks)
+    return jnp.mean((rewards - baseline)[:, None] * grads, axis=0)
+
+
+def grid_objectives(prob: Problem, s: Settings, values):
+    """L_out over a grid of (a, b) values (phi = softplus^-1(value - eps)).
+    Returns (phis [G, 2], objectives [G])."""
+    vals = jnp.asarray(values, jnp.float32)
+    a, b = jnp.meshgrid(vals, vals, indexing="ij")
+    ab = jnp.stack([a.ravel(), b.ravel()], -1)
+    phis = jnp.log(jnp.expm1(ab - policy.EPS))  # inverse softplus
+    objs = jax.lax.map(lambda ph: objective_at(ph, prob, s), phis)
+    return phis, objs

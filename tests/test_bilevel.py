@@ -1,0 +1,114 @@
+"""IF-Beta policy and bilevel step: implicit hypergradient vs finite differences, exact
+per-class counts, Beta(1, 1) == random selection, one compile, 8 devices == 1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kdprune_jax import bilevel, sharding
+from kdprune_jax.scoring import head as head_lib
+from kdprune_jax.selection import class_keep_counts, policy
+
+
+def _problem(n=240, d=5, c=3, seed=0, dtype=jnp.float32, keep=0.4):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(d, c))
+
+    def split(m):
+        x = rng.normal(size=(m, d))
+        t = x @ w + 0.5 * rng.normal(size=(m, c))
+        y = np.argmax(t + rng.normal(size=(m, c)), -1)
+        return {"features": jnp.asarray(x, dtype), "label": jnp.asarray(y, jnp.int32),
+                "teacher_logits": jnp.asarray(t, dtype)}
+
+    train = split(n)
+    labels = np.asarray(train["label"])
+    score = rng.normal(size=n)
+    u = policy.within_class_ranks(score, labels, c)
+    counts = class_keep_counts(labels, keep, c)
+    return bilevel.Problem(train, jnp.asarray(u, dtype), jnp.asarray(counts), split(80),
+                           split(80))
+
+
+def test_implicit_hypergradient_matches_finite_differences():
+    with jax.enable_x64(True):
+        prob = _problem(dtype=jnp.float64)
+        s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2,
+                             inner_max_iters=1000, inner_tol=1e-10, cg_max_iters=200,
+                             cg_tol=1e-12)
+        for phi in (jnp.array([0.3, -0.2]), jnp.array([1.5, 0.4])):
+            g, info = bilevel.implicit_grad_at(phi, prob, s)
+            fd = bilevel.finite_difference_grad(phi, prob, s, eps=1e-4)
+            assert float(info["residual"]) < 1e-8
+            rel = float(jnp.linalg.norm(g - fd) / jnp.linalg.norm(fd))
+            assert rel < 0.02, (np.asarray(g), np.asarray(fd), rel)
+
+
+def test_keep_probabilities_sum_exactly_to_counts_for_every_ab():
+    prob = _problem()
+    labels = prob.train["label"]
+    for a, b in [(1, 1), (5, 1), (1, 5), (0.3, 0.3), (8, 8), (50, 0.5)]:
+        phi = jnp.log(jnp.expm1(jnp.array([a, b], jnp.float32) - policy.EPS))
+        pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), labels,
+                                       prob.counts, 3)
+        assert float(pi.max()) <= 1.0 + 1e-6 and float(pi.min()) >= 0.0
+        sums = jax.ops.segment_sum(pi, labels, 3)
+        np.testing.assert_allclose(sums, prob.counts, rtol=1e-4)
+        keep = policy.gumbel_top_k(pi, labels, prob.counts, 3, jax.random.key(0))
+        np.testing.assert_array_equal(np.bincount(np.asarray(labels)[keep], minlength=3),
+                                      prob.counts)
+
+
+def test_beta_1_1_draw_is_random_class_balanced_selection():
+    prob = _problem(n=60, c=2, keep=0.5)
+    labels = np.asarray(prob.train["label"])
+    phi = jnp.log(jnp.expm1(jnp.array([1.0, 1.0]) - policy.EPS))
+    pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
+                                   prob.counts, 2)
+    np.testing.assert_allclose(pi, np.asarray(prob.counts)[labels] / np.bincount(labels)[labels],
+                               rtol=1e-4)
+    hits = np.zeros(60)
+    draws = 600
+    for s in range(draws):
+        hits += policy.gumbel_top_k(pi, labels, prob.counts, 2, jax.random.key(s))
+    # Every example is kept with probability m_c / n_c, as under uniform random selection:
+    # binomial std at 600 draws is ~0.02, so 0.07 is > 3 sigma.
+    want = np.asarray(prob.counts)[labels] / np.bincount(labels)[labels]
+    assert np.max(np.abs(hits / draws - want)) < 0.07
+
+
+def _run_steps(mesh, n=4):
+    prob = _problem()
+    s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2)
+    tx = optax.adam(0.05)
+    theta0 = head_lib.init_head(5, 3)
+    state = sharding.replicate(bilevel.init_state(jnp.zeros(2), theta0, tx), mesh)
+    prob = jax.device_put(prob, bilevel.problem_shardings(mesh))
+    step = bilevel.make_outer_step(s, tx, mesh)
+    hist = []
+    for _ in range(n):
+        state, m = step(state, prob)
+        hist.append(jax.device_get(m))
+    return state, hist, step
+
+
+def test_outer_step_compiles_once_and_8_devices_equal_1():
+    s8, h8, step8 = _run_steps(sharding.make_mesh(8))
+    s1, h1, _ = _run_steps(sharding.make_mesh(1))
+    assert step8._cache_size() == 1
+    np.testing.assert_allclose(s8.phi, s1.phi, rtol=1e-4, atol=1e-6)
+    for a, b in zip(h8, h1):
+        np.testing.assert_allclose(a["outer"], b["outer"], rtol=1e-5)
+    assert all(np.isfinite(m["cg_residual"]) for m in h8)
+
+
+@pytest.mark.slow
+def test_reinforce_and_grid_agree_with_implicit_direction():
+    prob = _problem()
+    s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2)
+    phis, objs = bilevel.grid_objectives(prob, s, [0.5, 1.0, 3.0])
+    assert phis.shape == (9, 2) and np.all(np.isfinite(objs))
+    g = bilevel.reinforce_grad(jnp.zeros(2), prob, s, jax.random.key(0), num_samples=8)
+    assert g.shape == (2,) and np.all(np.isfinite(g))
