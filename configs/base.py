@@ -64,7 +64,7 @@ def get_config():
 
     c.prune = ml_collections.ConfigDict(dict(
         # random | el2n | teacher_el2n | grand | grand_last_layer | forgetting | entropy |
-        # margin | moderate | influence | self_influence   (METHOD.md §3-4)
+        # margin | moderate | influence | self_influence   (METHOD.md §3-4) | ifbeta (§5)
         method="random",
         keep_fraction=0.5,  # fraction of the train pool KEPT, in (0, 1]
         direction="auto",  # auto (= METHOD.md's kept end) | highest | lowest | middle
@@ -98,6 +98,36 @@ def get_config():
         tol=1e-5,
         lissa_scale=10.0,
         hessian_examples=2000,  # scope full: pool examples defining the Hessian (0 = all)
+    ))
+    # IF-Beta (METHOD.md §5, our reconstruction of paper B): the proxy problem on teacher
+    # features and its influence ranks.
+    c.ifbeta = ml_collections.ConfigDict(dict(
+        kd_weight=0.9,  # lam of the KD-aligned proxy loss (keep < 1: see METHOD §5.8)
+        temperature=4.0,
+        l2=1e-4,  # mu
+        influence_solver="cg",  # exact | cg (the influence ranks u)
+        damping=1e-3,
+        val2_fraction=0.5,  # share of the validation split used for early stopping (V2)
+        feature_dtype="float32",  # float32 | float16 | bfloat16 storage of cached features
+        features_dir="",  # reuse features/ from another run (must match teacher and data)
+    ))
+    # The Beta policy and its outer optimization.
+    c.policy = ml_collections.ConfigDict(dict(
+        method="implicit",  # implicit (IFT hypergradient) | reinforce | grid
+        learning_rate=0.05,  # Adam on (a~, b~)
+        max_steps=200,
+        patience=20,  # early stopping on V2
+        init_a=1.0,
+        init_b=1.0,  # Beta(1, 1) = random pruning
+        inner_max_iters=200,  # L-BFGS iterations of the inner head fit
+        inner_tol=1e-5,
+        cg_max_iters=300,  # the head's Hessian is ill-conditioned when mu is small
+        cg_tol=1e-5,
+        damping=0.0,
+        warm_start=True,  # inner solve starts from the previous step's theta*
+        check_grad=False,  # compare the implicit gradient with finite differences at init
+        reinforce_samples=8,
+        grid_values=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0),  # a and b values of the grid search
     ))
     c.score = ml_collections.ConfigDict(dict(
         batch_size=256,  # global batch of the scoring passes (multiple of device count)

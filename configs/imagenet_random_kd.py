@@ -47,6 +47,7 @@ def get_config(arg: str = ""):
     c.log_every_steps, c.checkpoint_every_steps = 100, 2000
     if arg == "smoke":
         c.data.image_size = 32
+        c.data.val_fraction = 0.1
         c.data.num_workers = 0
         c.prune.balanced = False
         for role in ("teacher", "student"):

@@ -87,6 +87,30 @@ def _check_scoring(config, n_dev) -> None:
     _positive("influence.lissa_scale", i.lissa_scale)
     if i.hessian_examples < 0:
         raise ConfigError("influence.hessian_examples", i.hessian_examples, "an integer >= 0")
+    ib, po = config.ifbeta, config.policy
+    if not 0 <= ib.kd_weight <= 1:
+        raise ConfigError("ifbeta.kd_weight", ib.kd_weight, "a number in [0, 1]")
+    _positive("ifbeta.temperature", ib.temperature)
+    if ib.l2 < 0 or ib.damping < 0:
+        raise ConfigError("ifbeta.l2" if ib.l2 < 0 else "ifbeta.damping",
+                          min(ib.l2, ib.damping), "a number >= 0")
+    if ib.influence_solver not in ("exact", "cg"):
+        raise ConfigError("ifbeta.influence_solver", ib.influence_solver, "exact, cg")
+    if not 0 < ib.val2_fraction < 1:
+        raise ConfigError("ifbeta.val2_fraction", ib.val2_fraction, "a number in (0, 1)")
+    if ib.feature_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError("ifbeta.feature_dtype", ib.feature_dtype,
+                          "float32, float16, bfloat16")
+    if po.method not in ("implicit", "reinforce", "grid"):
+        raise ConfigError("policy.method", po.method, "implicit, reinforce, grid")
+    for f in ("learning_rate", "init_a", "init_b", "inner_tol", "cg_tol"):
+        _positive(f"policy.{f}", po[f])
+    for f in ("max_steps", "patience", "inner_max_iters", "cg_max_iters"):
+        _positive(f"policy.{f}", po[f], integer=True)
+    if po.reinforce_samples < 2:
+        raise ConfigError("policy.reinforce_samples", po.reinforce_samples, "an integer >= 2")
+    if po.damping < 0:
+        raise ConfigError("policy.damping", po.damping, "a number >= 0")
     _positive("score.batch_size", config.score.batch_size, integer=True)
     if config.score.batch_size % n_dev:
         raise ConfigError("score.batch_size", config.score.batch_size,
@@ -132,8 +156,9 @@ def validate(config) -> None:
     _positive("kd.temperature", config.kd.temperature)
 
     p = config.prune
-    if p.method not in scoring.METHODS:
-        raise ConfigError("prune.method", p.method, ", ".join(scoring.METHODS))
+    methods = scoring.METHODS + ("ifbeta",)
+    if p.method not in methods:
+        raise ConfigError("prune.method", p.method, ", ".join(methods))
     if p.direction not in ("auto",) + DIRECTIONS:
         raise ConfigError("prune.direction", p.direction, ", ".join(("auto",) + DIRECTIONS))
     if p.rule not in RULES:

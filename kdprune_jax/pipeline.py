@@ -29,6 +29,7 @@ from kdprune_jax import (
     artifacts,
     config_checks,
     data,
+    ifbeta_stage,
     models,
     score_stage,
     scoring,
@@ -71,11 +72,16 @@ def load_data(config) -> Data:
     if train.num_channels != len(d.mean):
         raise ConfigError("data.mean", tuple(d.mean),
                           f"{train.num_channels} value(s), one per image channel")
+    # The validation split is carved on the clean labels and stays clean: label noise
+    # (a robustness experiment) corrupts only the pool that training and selection see.
+    pool, val = data.stratified_split(train.labels, d.val_fraction, d.val_seed)
     labels, flipped = train.labels, np.zeros(0, np.int64)
     if d.label_noise > 0:
-        labels, flipped = data.symmetric_label_noise(
-            train.labels, d.label_noise, train.num_classes, d.label_noise_seed)
-    pool, val = data.stratified_split(labels, d.val_fraction, d.val_seed)
+        noisy, flipped_pos = data.symmetric_label_noise(
+            train.labels[pool], d.label_noise, train.num_classes, d.label_noise_seed)
+        labels = train.labels.copy()
+        labels[pool] = noisy
+        flipped = pool[flipped_pos]
     fp = artifacts.fingerprint({
         "train": train.fingerprint, "test": test.fingerprint, "val_fraction": d.val_fraction,
         "val_seed": d.val_seed, "label_noise": d.label_noise,
@@ -268,6 +274,8 @@ def run(config, workdir: str) -> dict:
                           f"at most the subset size ({n_keep} examples at "
                           f"keep_fraction {p.keep_fraction})")
 
+    if p.method == "ifbeta":
+        ifbeta_stage.validation_halves(config, ds)
     if p.scores_file:  # a mismatching score file stops the run before any training
         score_stage.load_external_scores(p.scores_file, {"method": p.method,
                                                          "data": ds.fingerprint},
@@ -290,20 +298,31 @@ def run(config, workdir: str) -> dict:
         timings["teacher_seconds"] = time.perf_counter() - t
         _log(f"[teacher] test accuracy {teacher_metrics['accuracy']:.4f}")
 
-    # ---- scores
-    scores, scores_meta = None, None
-    if config.prune.method != "random":
+    # ---- scores (or, for IF-Beta: features -> influence ranks -> policy)
+    scores, scores_meta, policy_rec = None, None, None
+    teacher_model = score_stage.Model(*teacher, teacher_fp) if teacher is not None else None
+    if config.prune.method == "ifbeta":
         t = time.perf_counter()
-        teacher_model = (score_stage.Model(*teacher, teacher_fp) if teacher is not None
-                         else None)
+        subset, policy_rec = ifbeta_stage.select_ifbeta(config, ds, mesh, workdir, writer,
+                                                        _log, teacher_model)
+        timings["policy_seconds"] = time.perf_counter() - t
+        subset.fingerprint = artifacts.fingerprint({"policy": policy_rec["fingerprint"],
+                                                    "data": ds.fingerprint})
+        if jax.process_index() == 0:
+            selection.save_subset(os.path.join(workdir, "subset.json"), subset)
+        _log(f"[select] IF-Beta kept {len(subset.indices)}/{len(ds.pool)} examples "
+             f"(a {subset.params['a']:.3f}, b {subset.params['b']:.3f})")
+    elif config.prune.method != "random":
+        t = time.perf_counter()
         scores, scores_meta = score_stage.compute_scores(config, ds, mesh, workdir, writer,
                                                          _log, teacher_model)
         timings["scores_seconds"] = time.perf_counter() - t
 
     # ---- select
-    t = time.perf_counter()
-    subset = select_subset(config, ds, workdir, scores, scores_meta)
-    timings["select_seconds"] = time.perf_counter() - t
+    if config.prune.method != "ifbeta":
+        t = time.perf_counter()
+        subset = select_subset(config, ds, workdir, scores, scores_meta)
+        timings["select_seconds"] = time.perf_counter() - t
 
     # ---- student
     t = time.perf_counter()
@@ -346,7 +365,10 @@ def run(config, workdir: str) -> dict:
             "pruning_cost": {
                 "proxy_seconds": (scores_meta or {}).get("proxy_seconds", 0.0),
                 "scoring_seconds": (scores_meta or {}).get("scoring_seconds", 0.0),
+                "policy_seconds": (policy_rec or {}).get("seconds", 0.0),
             },
+            "policy": {k: policy_rec[k] for k in ("a", "b", "method", "outer_at_init",
+                                                  "outer_at_learned")} if policy_rec else None,
             "kd": config.kd.to_dict() if teacher is not None else {"alpha": 0.0},
             "devices": jax.device_count(),
             "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -35,7 +35,7 @@ SCOPES = ("full", "last_layer", "head")
 
 def needs_teacher(config) -> bool:
     m = config.prune.method
-    if m in TEACHER_METHODS:
+    if m in TEACHER_METHODS or m == "ifbeta":
         return True
     if m in INFLUENCE_METHODS:
         i = config.influence
@@ -71,12 +71,14 @@ def _eval_batches(ds, config, indices):
     return dataset
 
 
-def batch_pass(fn, args, ds, config, indices, mesh, n_out: int | None = None):
+def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
     """Run ``fn(*args, batch) -> [B] or [B, K]`` over `indices` of the train split.
 
-    `fn` is jitted once with replicated args and a "data"-sharded batch. Returns a float32
-    array [len(train), ...] holding each example's row at its source index (NaN elsewhere);
-    rows of padding (mask 0) are dropped, so a fake example is never scored.
+    `fn` is jitted once with replicated args and a "data"-sharded batch. Rows of padding
+    (mask 0) are dropped, so a fake example is never scored. Results go to
+    ``sink(index [b], values [b, ...])`` as they arrive (host memory bounded by a few
+    batches: e.g. a memory-mapped file); without a sink they are returned as a float32
+    array [len(train), ...] with each example's row at its source index (NaN elsewhere).
     """
     repl, bsh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     jfn = jax.jit(fn, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=bsh)
@@ -84,13 +86,18 @@ def batch_pass(fn, args, ds, config, indices, mesh, n_out: int | None = None):
     out = None
     pending = []
 
-    def flush():
+    def to_array(idx, vals):
         nonlocal out
+        if out is None:
+            out = np.full((len(ds.train),) + vals.shape[1:], np.nan, np.float32)
+        out[idx] = vals
+
+    sink = sink or to_array
+
+    def flush():
         for idx, mask, vals in jax.device_get(pending):
-            if out is None:
-                out = np.full((len(ds.train),) + vals.shape[1:], np.nan, np.float32)
             keep = mask > 0
-            out[idx[keep]] = vals[keep]
+            sink(idx[keep], vals[keep])
         pending.clear()
 
     for batch in _eval_batches(ds, config, indices):
@@ -102,7 +109,9 @@ def batch_pass(fn, args, ds, config, indices, mesh, n_out: int | None = None):
     return out
 
 
-def _forward(graphdef):
+def forward_fn(graphdef):
+    """(params, batch_stats, batch) -> [B, C + D]: logits then penultimate features."""
+
     def fn(params, bs, batch):
         logits, feats = nnx.merge(graphdef, params, bs)(batch["image"], train=False,
                                                         return_features=True)
@@ -113,7 +122,7 @@ def _forward(graphdef):
 
 def logits_and_features(model: Model, ds, config, indices, mesh, num_classes):
     """Inference-mode logits [N, C] and penultimate features [N, D] (NaN outside indices)."""
-    out = batch_pass(_forward(model.graphdef), (model.params, model.batch_stats), ds, config,
+    out = batch_pass(forward_fn(model.graphdef), (model.params, model.batch_stats), ds, config,
                      indices, mesh)
     return out[:, :num_classes], out[:, num_classes:]
 

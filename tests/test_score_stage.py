@@ -98,11 +98,11 @@ def test_padding_never_scores_a_fake_example(env):
     mesh = sharding.make_mesh()
     idx = np.arange(5, 5 + 131)  # not a multiple of the 128-row batch: one padded batch
     c = override(config, score__batch_size=128)
-    out = score_stage.batch_pass(score_stage._forward(teacher.graphdef),
+    out = score_stage.batch_pass(score_stage.forward_fn(teacher.graphdef),
                                  (teacher.params, teacher.batch_stats), ds, c, idx, mesh)
     scored = np.flatnonzero(np.all(np.isfinite(out), axis=1))
     np.testing.assert_array_equal(scored, idx)
-    full = score_stage.batch_pass(score_stage._forward(teacher.graphdef),
+    full = score_stage.batch_pass(score_stage.forward_fn(teacher.graphdef),
                                   (teacher.params, teacher.batch_stats), ds, c,
                                   np.arange(len(ds.train)), mesh)
     np.testing.assert_allclose(out[idx], full[idx], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,371 @@
+"""IF-Beta as pipeline stages: features -> influence ranks -> policy -> Gumbel draw.
+
+Our documented reconstruction of "Distill on a Diet" (paper B; only its abstract is public),
+following METHOD.md §5; every "our choice" there is a field of config.ifbeta / config.policy.
+
+    DIR/features/          teacher penultimate features + logits of the whole train split,
+                           streamed to .npy (memory-mapped, float32/float16/bfloat16) + meta
+    DIR/ifbeta/policy.json learned (a, b), per-step log, the draw seed, fingerprints
+    DIR/ifbeta/diagnostics.{json,png}  Beta density over ranks, kept-score histogram, curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+
+from kdprune_jax import artifacts, bilevel, scoring, sharding
+from kdprune_jax.data import stratified_split
+from kdprune_jax.errors import ArtifactError, ConfigError
+from kdprune_jax.score_stage import Model, batch_pass, forward_fn
+from kdprune_jax.scoring import SolverError
+from kdprune_jax.scoring import head as head_lib
+from kdprune_jax.selection import Subset, class_keep_counts, policy
+
+FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16,
+                  "bfloat16": ml_dtypes.bfloat16}
+POLICY_METHODS = ("implicit", "reinforce", "grid")
+
+
+# ----------------------------------------------------------------------------- features
+def _features_meta(config, ds, teacher: Model) -> dict:
+    d = config.data
+    return {"teacher": teacher.fingerprint, "data": ds.fingerprint,
+            "eval_transform": [d.augment, d.image_size, list(d.mean), list(d.std)],
+            "dtype": config.ifbeta.feature_dtype, "num_examples": len(ds.train)}
+
+
+def _read_features(path):
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        dt = FEATURE_DTYPES[meta["dtype"]]
+        feats = np.load(os.path.join(path, "features.npy"), mmap_mode="r")
+        logits = np.load(os.path.join(path, "logits.npy"), mmap_mode="r")
+        if feats.shape[0] != meta["num_examples"] or logits.shape[0] != meta["num_examples"]:
+            return None
+        return feats.view(dt) if dt is ml_dtypes.bfloat16 else feats, logits, meta
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
+    """The `features` stage: one inference pass of the frozen teacher over the whole train
+    split (train pool + validation), no augmentation. Streams rows into memory-mapped
+    .npy files (host memory stays at one batch), written to a temp dir and renamed into
+    place. Reused when its metadata matches; a user-given ifbeta.features_dir must match.
+
+    Returns (features [N, D], teacher logits [N, C]) as float32 numpy arrays.
+    """
+    want = _features_meta(config, ds, teacher)
+    given = config.ifbeta.features_dir
+    path = given or os.path.join(workdir, "features")
+    got = _read_features(path) if os.path.isdir(path) else None
+    if given:
+        if got is None:
+            raise ConfigError("ifbeta.features_dir", given,
+                              "'' or a features directory written by kdprune_jax")
+        for key in ("teacher", "data", "eval_transform"):
+            if got[2].get(key) != want[key]:
+                raise ArtifactError(
+                    f"features in {given} were computed with a different {key} "
+                    f"({got[2].get(key)!r}) than this run's ({want[key]!r}); they come from "
+                    "another teacher/data than config.teacher names. Leave "
+                    "ifbeta.features_dir empty to recompute them")
+    if got is not None and all(got[2].get(k) == v for k, v in want.items()):
+        log(f"[features] reusing {path}")
+        return np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
+    if got is not None:
+        log(f"[features] {path} is stale (different teacher, data or dtype); recomputing")
+    t0 = time.perf_counter()
+    c = ds.train.num_classes
+    n = len(ds.train)
+    dt = FEATURE_DTYPES[config.ifbeta.feature_dtype]
+    tmp = path + ".tmp"
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dim = _feature_dim(teacher, ds)
+    store = np.uint16 if dt is ml_dtypes.bfloat16 else dt  # .npy has no bfloat16
+    f_mm = np.lib.format.open_memmap(os.path.join(tmp, "features.npy"), "w+", store, (n, dim))
+    l_mm = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), "w+", np.float32, (n, c))
+
+    def sink(idx, vals):
+        f = vals[:, c:].astype(dt)
+        f_mm[idx] = f.view(np.uint16) if dt is ml_dtypes.bfloat16 else f
+        l_mm[idx] = vals[:, :c]
+
+    batch_pass(forward_fn(teacher.graphdef), (teacher.params, teacher.batch_stats), ds, config,
+               np.arange(n), mesh, sink=sink)
+    f_mm.flush()  # the data is on disk before the directory is renamed into place
+    l_mm.flush()
+    if jax.process_index() == 0:
+        artifacts.write_json(os.path.join(tmp, "meta.json"),
+                             {**want, "seconds": time.perf_counter() - t0})
+        old = path + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    log(f"[features] {n} x {dim} features ({config.ifbeta.feature_dtype}) in "
+        f"{time.perf_counter() - t0:.1f} s -> {path}")
+    feats, logits, _ = _read_features(path)
+    return np.asarray(feats, np.float32), np.asarray(logits, np.float32)
+
+
+def _feature_dim(teacher: Model, ds) -> int:
+    """Penultimate width, from an abstract evaluation (no compute)."""
+    from flax import nnx
+
+    x = jax.ShapeDtypeStruct((1,) + ds.train.source[0]["image"].shape, jnp.float32)
+
+    def f(p, b, x):
+        return nnx.merge(teacher.graphdef, p, b)(x, train=False, return_features=True)[1]
+
+    return int(jax.eval_shape(f, teacher.params, teacher.batch_stats, x).shape[-1])
+
+
+# ----------------------------------------------------------------------------- problem
+def _rows(feats, logits, labels, idx):
+    return {"features": jnp.asarray(feats[idx]), "label": jnp.asarray(labels[idx], jnp.int32),
+            "teacher_logits": jnp.asarray(logits[idx])}
+
+
+def validation_halves(config, ds):
+    """V1 (outer objective) and V2 (early stopping): a stratified split of the validation
+    split. Raises ConfigError when either would be empty (checked before any training)."""
+    v2_pos, v1_pos = stratified_split(ds.train_labels[ds.val], config.ifbeta.val2_fraction,
+                                      config.data.val_seed + 1)
+    if len(v1_pos) == 0 or len(v2_pos) == 0:
+        raise ConfigError("data.val_fraction", config.data.val_fraction,
+                          f"a fraction leaving examples in both IF-Beta validation halves "
+                          f"(V1 for the objective, V2 for early stopping); the validation "
+                          f"split has {len(ds.val)} examples")
+    return ds.val[v1_pos], ds.val[v2_pos]
+
+
+def build_problem(config, ds, feats, logits, log):
+    """Influence ranks on the KD-aligned proxy head and the bilevel problem.
+
+    Returns (Problem, influence scores [len(pool)], V1/V2 indices)."""
+    ib = config.ifbeta
+    labels = ds.train_labels
+    v1, v2 = validation_halves(config, ds)
+    train = _rows(feats, logits, labels, ds.pool)
+    val1, val2 = _rows(feats, logits, labels, v1), _rows(feats, logits, labels, v2)
+    lam, tau, l2 = ib.kd_weight, ib.temperature, ib.l2
+    theta0 = head_lib.init_head(feats.shape[1], ds.train.num_classes)
+    theta, info = head_lib.fit_head(train, theta0, lam=lam, temperature=tau, l2=l2,
+                                    max_iters=config.policy.inner_max_iters * 5, tol=1e-6)
+    obj = lambda p, b: head_lib.head_objective(p, b, lam=lam, temperature=tau, l2=l2)  # noqa: E731
+    val_obj = lambda p, b: jnp.mean(head_lib.head_losses(p, b, lam=lam, temperature=tau))  # noqa: E731
+    s, sinfo = scoring.s_test(obj, val_obj, theta, train, val1, solver=ib.influence_solver,
+                              damping=ib.damping, max_iters=config.policy.cg_max_iters,
+                              tol=config.policy.cg_tol)
+    scoring.check_solve(sinfo, solver=ib.influence_solver, tol=config.policy.cg_tol,
+                        where="ifbeta")
+    per_ex = lambda p, b: head_lib.head_losses(p, b, lam=lam, temperature=tau)  # noqa: E731
+    infl = np.asarray(scoring.influence_from_s_test(per_ex, theta, train, s))
+    u = policy.within_class_ranks(infl, labels[ds.pool], ds.train.num_classes,
+                                  seed=config.prune.seed)
+    counts = class_keep_counts(labels[ds.pool], config.prune.keep_fraction,
+                               ds.train.num_classes)
+    log(f"[ifbeta] proxy head: {int(info['iterations'])} L-BFGS iterations; influence ranks "
+        f"for {len(ds.pool)} examples; V1 {len(v1)} / V2 {len(v2)} examples")
+    prob = bilevel.Problem(train, jnp.asarray(u), jnp.asarray(counts), val1, val2)
+    return prob, infl, theta
+
+
+def settings(config, num_classes) -> bilevel.Settings:
+    ib, p = config.ifbeta, config.policy
+    return bilevel.Settings(
+        num_classes=num_classes, lam=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
+        inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
+        cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
+        warm_start=p.warm_start)
+
+
+def _phi(a, b):
+    return jnp.log(jnp.expm1(jnp.array([a, b], jnp.float32) - policy.EPS))
+
+
+# ----------------------------------------------------------------------------- policy
+def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
+    """Outer loop of the selected estimator. Returns (best phi, history, extras)."""
+    p = config.policy
+    phi0 = _phi(p.init_a, p.init_b)
+    extras = {}
+    if p.check_grad:
+        # Both sides with tight inner/CG tolerances, so the comparison measures the
+        # hypergradient formula rather than solver slack.
+        # In float64: central differences of an objective that is itself an inner solve
+        # are only meaningful when both sides are far more precise than float32 allows.
+        tight = dataclasses.replace(s, inner_tol=1e-10, inner_max_iters=5 * s.inner_max_iters,
+                                    cg_tol=1e-12, cg_max_iters=5 * s.cg_max_iters)
+        with jax.enable_x64(True):
+            p64 = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float64)
+                               if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
+                               prob)
+            phi64 = jnp.asarray(np.asarray(phi0), jnp.float64)
+            g, _ = bilevel.implicit_grad_at(phi64, p64, tight)
+            fd = bilevel.finite_difference_grad(phi64, p64, tight, eps=1e-4)
+            rel = float(jnp.linalg.norm(g - fd) / jnp.maximum(jnp.linalg.norm(fd), 1e-30))
+        extras["check_grad"] = {"implicit": np.asarray(g).tolist(),
+                                "finite_difference": np.asarray(fd).tolist(),
+                                "relative_error": rel}
+        log(f"[policy] check_grad at (a, b) = ({p.init_a}, {p.init_b}): implicit "
+            f"{np.asarray(g)}, finite differences {np.asarray(fd)}, relative error {rel:.3g}")
+    history = []
+    if p.method == "grid":
+        phis, objs = bilevel.grid_objectives(prob, s, p.grid_values)
+        objs = np.asarray(objs)
+        for ph, o in zip(np.asarray(phis), objs):
+            a, b = (float(x) for x in policy.beta_params(jnp.asarray(ph)))
+            history.append({"a": a, "b": b, "outer": float(o)})
+        best = int(np.argmin(objs))
+        return jnp.asarray(phis[best]), history, extras
+
+    tx = optax.adam(p.learning_rate)
+    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes)
+    state = sharding.replicate(bilevel.init_state(phi0, theta0, tx), mesh)
+    prob = jax.device_put(prob, bilevel.problem_shardings(mesh))
+    step = bilevel.make_outer_step(s, tx, mesh) if p.method == "implicit" else None
+    key = jax.random.key(config.prune.seed)
+    best_phi, best_val, since_best = phi0, np.inf, 0
+    for k in range(p.max_steps):
+        # The metrics of step k describe the policy BEFORE its update; keep a host copy
+        # (the step donates its input state).
+        phi_before = np.asarray(jax.device_get(state.phi))
+        if p.method == "implicit":
+            state, m = step(state, prob)
+            m = {kk: float(v) for kk, v in jax.device_get(m).items()}
+            if m["cg_residual"] > max(p.cg_tol * 100, 1e-3):
+                raise SolverError(
+                    f"policy CG did not converge at outer step {k}: relative residual "
+                    f"{m['cg_residual']:.3g} after {int(m['cg_iters'])} iterations; raise "
+                    "policy.cg_max_iters or policy.damping")
+        else:  # reinforce
+            key, sub = jax.random.split(key)
+            g = bilevel.reinforce_grad(state.phi, prob, s, sub, p.reinforce_samples)
+            updates, opt = tx.update(g, state.opt_state, state.phi)
+            a, b = policy.beta_params(state.phi)
+            obj = float(bilevel.objective_at(state.phi, prob, s))
+            state = bilevel.PolicyState(optax.apply_updates(state.phi, updates), opt,
+                                        state.theta, state.step + 1)
+            m = {"a": float(a), "b": float(b), "outer": obj, "grad_norm":
+                 float(jnp.linalg.norm(g))}
+            m["heldout"] = obj  # REINFORCE: no separate inner solution to evaluate on V2
+        history.append(m)
+        writer.write("policy", k + 1, **m)
+        # Early stopping on V2 (the second held-out split): keep the best policy seen.
+        if m["heldout"] < best_val - 1e-6:
+            best_val, best_phi, since_best = m["heldout"], phi_before, 0
+        else:
+            since_best += 1
+            if since_best >= p.patience:
+                log(f"[policy] early stop at step {k + 1} (no V2 improvement for "
+                    f"{p.patience} steps)")
+                break
+        if (k + 1) % max(1, config.log_every_steps) == 0:
+            log(f"[policy] step {k + 1}: a {m['a']:.3f} b {m['b']:.3f} outer "
+                f"{m['outer']:.5f} V2 {m['heldout']:.5f}")
+    return jnp.asarray(best_phi), history, extras
+
+
+# ----------------------------------------------------------------------------- stage
+def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
+    """features -> ranks -> policy -> draw. Returns (Subset, policy record)."""
+    p = config.policy
+    if p.method not in POLICY_METHODS:
+        raise ConfigError("policy.method", p.method, ", ".join(POLICY_METHODS))
+    feats, logits = teacher_features(config, ds, mesh, workdir, teacher, log)
+    fp = artifacts.fingerprint({
+        "teacher": teacher.fingerprint, "data": ds.fingerprint,
+        "ifbeta": config.ifbeta.to_dict(), "policy": p.to_dict(),
+        "keep_fraction": config.prune.keep_fraction, "seed": config.prune.seed})
+    rec_path = os.path.join(workdir, "ifbeta", "policy.json")
+    rec = artifacts.read_json(rec_path)
+    t0 = time.perf_counter()
+    prob, infl, _ = build_problem(config, ds, feats, logits, log)
+    s = settings(config, ds.train.num_classes)
+    if rec and rec.get("fingerprint") == fp:
+        log(f"[policy] reusing {rec_path}")
+        phi = jnp.asarray(rec["phi"], jnp.float32)
+    else:
+        phi, history, extras = learn_policy(config, prob, s, mesh, writer, log)
+        a, b = (float(x) for x in policy.beta_params(phi))
+        rec = {"fingerprint": fp, "phi": np.asarray(phi).tolist(), "a": a, "b": b,
+               "method": p.method, "history": history, **extras,
+               "seconds": time.perf_counter() - t0,
+               "outer_at_init": float(bilevel.objective_at(_phi(p.init_a, p.init_b), prob, s)),
+               "outer_at_learned": float(bilevel.objective_at(phi, prob, s))}
+        if jax.process_index() == 0:
+            artifacts.write_json(rec_path, rec)
+        log(f"[policy] learned (a, b) = ({a:.3f}, {b:.3f}); V1 objective "
+            f"{rec['outer_at_init']:.5f} at init -> {rec['outer_at_learned']:.5f}")
+    pool_labels = ds.train_labels[ds.pool]
+    pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
+                                   prob.counts, ds.train.num_classes)
+    keep = policy.gumbel_top_k(pi, pool_labels, np.asarray(prob.counts),
+                               ds.train.num_classes, jax.random.key(config.prune.seed))
+    subset = Subset(
+        indices=np.sort(ds.pool[keep]), keep_fraction=float(config.prune.keep_fraction),
+        method="ifbeta", seed=int(config.prune.seed), class_counts=np.asarray(prob.counts),
+        pool_size=len(ds.pool), direction="learned",
+        params={"a": rec["a"], "b": rec["b"], "policy": p.method, "draw": "gumbel_top_k"})
+    if jax.process_index() == 0:
+        write_diagnostics(os.path.join(workdir, "ifbeta"), rec, np.asarray(prob.u), infl, keep,
+                          log)
+    return subset, rec
+
+
+def write_diagnostics(out_dir, rec, u, infl, keep, log):
+    """diagnostics.json (+ .png with matplotlib): what the learned policy chose."""
+    grid = np.linspace(0.005, 0.995, 199)
+    from scipy.stats import beta as beta_dist
+
+    density = beta_dist.pdf(grid, rec["a"], rec["b"])
+    hist_all, edges = np.histogram(infl, bins=30)
+    hist_kept, _ = np.histogram(infl[keep], bins=edges)
+    diag = {"a": rec["a"], "b": rec["b"], "rank_grid": grid.tolist(),
+            "beta_density": density.tolist(), "influence_bin_edges": edges.tolist(),
+            "influence_hist_all": hist_all.tolist(), "influence_hist_kept": hist_kept.tolist(),
+            "mean_rank_kept": float(u[keep].mean()), "mean_rank_all": float(u.mean()),
+            "outer_curve": [h.get("outer") for h in rec.get("history", [])]}
+    artifacts.write_json(os.path.join(out_dir, "diagnostics.json"), diag)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("[ifbeta] matplotlib not installed: diagnostics.json only (pip install "
+            "'kdprune_jax[plots]' for the PNG)")
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(grid, density)
+    ax[0].set_ylim(bottom=0)
+    ax[0].set(title=f"Beta(a={rec['a']:.2f}, b={rec['b']:.2f}) over influence rank u",
+              xlabel="within-class rank u (1 = most helpful)", ylabel="density")
+    centers = (edges[:-1] + edges[1:]) / 2
+    ax[1].bar(centers, hist_all, width=np.diff(edges), alpha=0.4, label="pool")
+    ax[1].bar(centers, hist_kept, width=np.diff(edges), alpha=0.8, label="kept")
+    ax[1].set(title="influence scores", xlabel="influence (positive = helpful)")
+    ax[1].legend()
+    curve = diag["outer_curve"]
+    ax[2].plot(range(1, len(curve) + 1), curve)
+    ax[2].set(title="outer objective (V1)", xlabel="outer step")
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, ".diagnostics.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "diagnostics.png"))
