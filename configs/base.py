@@ -102,6 +102,8 @@ def get_config():
     # IF-Beta (METHOD.md §5, our reconstruction of paper B): the proxy problem on teacher
     # features and its influence ranks.
     c.ifbeta = ml_collections.ConfigDict(dict(
+        head="linear",  # linear (convex) | mlp (one hidden layer; needs damping > 0)
+        mlp_hidden=128,
         kd_weight=0.9,  # lam of the KD-aligned proxy loss (keep < 1: see METHOD §5.8)
         temperature=4.0,
         l2=1e-4,  # mu

@@ -61,6 +61,9 @@ class Settings:
     cg_tol: float = 1e-5
     damping: float = 0.0
     warm_start: bool = True  # start each inner solve from the previous theta*
+    head: str = "linear"  # linear | mlp (see scoring.head.init_head)
+    mlp_hidden: int = 128
+    seed: int = 0  # mlp head initialization
 
 
 @flax.struct.dataclass
@@ -154,20 +157,22 @@ def problem_shardings(mesh):
 
 
 # ----------------------------------------------------------------------------- checks
+def _theta0(prob: Problem, s: Settings):
+    return head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
+                              prob.train["features"].dtype, kind=s.head, hidden=s.mlp_hidden,
+                              seed=s.seed)
+
+
 @functools.partial(jax.jit, static_argnames=("s",))
 def objective_at(phi, prob: Problem, s: Settings):
-    """L_out(theta*(pi(phi))) with a fresh inner solve from zero."""
-    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
-                                prob.train["features"].dtype)
-    theta, _, _ = inner_solve(phi, theta0, prob, s)
+    """L_out(theta*(pi(phi))) with a fresh inner solve from the fixed initial head."""
+    theta, _, _ = inner_solve(phi, _theta0(prob, s), prob, s)
     return outer_loss(theta, prob.val, s)
 
 
 def implicit_grad_at(phi, prob: Problem, s: Settings):
-    """The implicit hypergradient at phi (fresh inner solve from zero)."""
-    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
-                                prob.train["features"].dtype)
-    theta, _, _ = inner_solve(phi, theta0, prob, s)
+    """The implicit hypergradient at phi (fresh inner solve from the fixed initial head)."""
+    theta, _, _ = inner_solve(phi, _theta0(prob, s), prob, s)
     return hypergradient(phi, theta, prob, s)
 
 
@@ -187,8 +192,7 @@ def reinforce_grad(phi, prob: Problem, s: Settings, key, num_samples: int = 8):
     on the implicit gradient's direction."""
     pi = _pi(phi, prob, s)
     keys = jax.random.split(key, num_samples)
-    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes,
-                                prob.train["features"].dtype)
+    theta0 = _theta0(prob, s)
 
     def sample(k):
         m = jax.random.bernoulli(k, pi).astype(pi.dtype)

@@ -94,6 +94,14 @@ def _check_scoring(config, n_dev) -> None:
     if ib.l2 < 0 or ib.damping < 0:
         raise ConfigError("ifbeta.l2" if ib.l2 < 0 else "ifbeta.damping",
                           min(ib.l2, ib.damping), "a number >= 0")
+    if ib.head not in ("linear", "mlp"):
+        raise ConfigError("ifbeta.head", ib.head, "linear, mlp")
+    _positive("ifbeta.mlp_hidden", ib.mlp_hidden, integer=True)
+    if ib.head == "mlp" and (ib.damping <= 0 or po.damping <= 0):
+        raise ConfigError("ifbeta.damping" if ib.damping <= 0 else "policy.damping",
+                          min(ib.damping, po.damping),
+                          "a number > 0 with ifbeta.head=mlp (its Hessian is indefinite; "
+                          "CG needs damping above its most negative eigenvalue)")
     if ib.influence_solver not in ("exact", "cg"):
         raise ConfigError("ifbeta.influence_solver", ib.influence_solver, "exact, cg")
     if not 0 < ib.val2_fraction < 1:

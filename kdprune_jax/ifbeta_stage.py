@@ -163,7 +163,7 @@ def build_problem(config, ds, feats, logits, log):
     train = _rows(feats, logits, labels, ds.pool)
     val1, val2 = _rows(feats, logits, labels, v1), _rows(feats, logits, labels, v2)
     lam, tau, l2 = ib.kd_weight, ib.temperature, ib.l2
-    theta0 = head_lib.init_head(feats.shape[1], ds.train.num_classes)
+    theta0 = init_theta(config, feats.shape[1], ds.train.num_classes)
     theta, info = head_lib.fit_head(train, theta0, lam=lam, temperature=tau, l2=l2,
                                     max_iters=config.policy.inner_max_iters * 5, tol=1e-6)
     obj = lambda p, b: head_lib.head_objective(p, b, lam=lam, temperature=tau, l2=l2)  # noqa: E731
@@ -185,13 +185,19 @@ def build_problem(config, ds, feats, logits, log):
     return prob, infl, theta
 
 
+def init_theta(config, dim, num_classes):
+    ib = config.ifbeta
+    return head_lib.init_head(dim, num_classes, kind=ib.head, hidden=ib.mlp_hidden,
+                              seed=config.seed)
+
+
 def settings(config, num_classes) -> bilevel.Settings:
     ib, p = config.ifbeta, config.policy
     return bilevel.Settings(
         num_classes=num_classes, lam=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
         inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
-        warm_start=p.warm_start)
+        warm_start=p.warm_start, head=ib.head, mlp_hidden=ib.mlp_hidden, seed=config.seed)
 
 
 def _phi(a, b):
@@ -235,7 +241,7 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
         return jnp.asarray(phis[best]), history, extras
 
     tx = optax.adam(p.learning_rate)
-    theta0 = head_lib.init_head(prob.train["features"].shape[1], s.num_classes)
+    theta0 = init_theta(config, prob.train["features"].shape[1], s.num_classes)
     state = sharding.replicate(bilevel.init_state(phi0, theta0, tx), mesh)
     prob = jax.device_put(prob, bilevel.problem_shardings(mesh))
     step = bilevel.make_outer_step(s, tx, mesh) if p.method == "implicit" else None

@@ -138,3 +138,22 @@ def test_imagenet_ifbeta_smoke_on_tfds_mock(tmp_path):
         r = pipeline.run(config, str(tmp_path))
     assert r["subset"]["method"] == "ifbeta"
     assert r["student"]["test"]["count"] == 96
+
+
+def test_mlp_head_option(ifbeta_run, tmp_path):
+    config, workdir, _ = ifbeta_run
+    import shutil
+
+    wd = str(tmp_path / "mlp")
+    shutil.copytree(workdir, wd)
+    from kdprune_jax import config_checks
+    from kdprune_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ifbeta.damping.*mlp"):
+        config_checks.validate(override(config, ifbeta__head="mlp", ifbeta__damping=0.0))
+    mlp = override(config, ifbeta__head="mlp", ifbeta__mlp_hidden=32, ifbeta__damping=0.1,
+                   policy__damping=0.1, policy__check_grad=False)
+    r = pipeline.run(mlp, wd)
+    rec = json.load(open(os.path.join(wd, "ifbeta", "policy.json")))
+    assert r["subset"]["method"] == "ifbeta" and np.isfinite(rec["outer_at_learned"])
+    assert all(h["cg_residual"] < 1e-3 for h in rec["history"])

@@ -32,6 +32,20 @@ def _bn(c, rngs, dtype, zero=False):
                          rngs=rngs)
 
 
+def _projection(cin, cout, stride, rngs, dtype):
+    """1x1 conv (stride s) + BN where the block changes shape, else None (identity)."""
+    if stride == 1 and cin == cout:
+        return None
+    return nnx.List([_conv(cin, cout, 1, stride, "VALID", rngs, dtype), _bn(cout, rngs, dtype)])
+
+
+def _shortcut(downsample, x, use_running_average):
+    if downsample is None:
+        return x
+    conv, bn = downsample
+    return bn(conv(x), use_running_average=use_running_average)
+
+
 class BasicBlock(nnx.Module):
     """3x3 conv-BN-relu, 3x3 conv-BN, + shortcut (1x1 conv-BN projection when the shape
     changes), relu."""
@@ -43,23 +57,13 @@ class BasicBlock(nnx.Module):
         self.bn1 = _bn(planes, rngs, dtype)
         self.conv2 = _conv(planes, planes, 3, 1, _PAD1, rngs, dtype)
         self.bn2 = _bn(planes, rngs, dtype, zero=zero_init_residual)
-        # Projection shortcut (1x1 conv + BN) only where the shape changes. One assignment
-        # per path: nnx fixes an attribute's data/static status at its first assignment.
-        if stride != 1 or cin != planes:
-            self.downsample = nnx.List([_conv(cin, planes, 1, stride, "VALID", rngs, dtype),
-                                        _bn(planes, rngs, dtype)])
-        else:
-            self.downsample = None
+        self.downsample = _projection(cin, planes, stride, rngs, dtype)
 
     def __call__(self, x, train: bool):
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = self.bn2(self.conv2(y), use_running_average=ura)
-        sc = x
-        if self.downsample is not None:
-            conv, bn = self.downsample
-            sc = bn(conv(x), use_running_average=ura)
-        return nnx.relu(y + sc)
+        return nnx.relu(y + _shortcut(self.downsample, x, ura))
 
 
 class Bottleneck(nnx.Module):
@@ -75,24 +79,14 @@ class Bottleneck(nnx.Module):
         self.bn2 = _bn(planes, rngs, dtype)
         self.conv3 = _conv(planes, out, 1, 1, "VALID", rngs, dtype)
         self.bn3 = _bn(out, rngs, dtype, zero=zero_init_residual)
-        # Projection shortcut (1x1 conv + BN) only where the shape changes. One assignment
-        # per path: nnx fixes an attribute's data/static status at its first assignment.
-        if stride != 1 or cin != out:
-            self.downsample = nnx.List([_conv(cin, out, 1, stride, "VALID", rngs, dtype),
-                                        _bn(out, rngs, dtype)])
-        else:
-            self.downsample = None
+        self.downsample = _projection(cin, out, stride, rngs, dtype)
 
     def __call__(self, x, train: bool):
         ura = not train
         y = nnx.relu(self.bn1(self.conv1(x), use_running_average=ura))
         y = nnx.relu(self.bn2(self.conv2(y), use_running_average=ura))
         y = self.bn3(self.conv3(y), use_running_average=ura)
-        sc = x
-        if self.downsample is not None:
-            conv, bn = self.downsample
-            sc = bn(conv(x), use_running_average=ura)
-        return nnx.relu(y + sc)
+        return nnx.relu(y + _shortcut(self.downsample, x, ura))
 
 
 def _width(c, width):

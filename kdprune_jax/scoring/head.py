@@ -20,15 +20,32 @@ import optax
 
 from kdprune_jax import losses
 
+HEADS = ("linear", "mlp")
 
-def init_head(dim: int, num_classes: int, dtype=jnp.float32):
-    """Zero init: the convex objective has one minimizer, and a fixed start makes inner
-    solves reproducible."""
-    return {"w": jnp.zeros((dim, num_classes), dtype), "b": jnp.zeros((num_classes,), dtype)}
+
+def init_head(dim: int, num_classes: int, dtype=jnp.float32, *, kind: str = "linear",
+              hidden: int = 128, seed: int = 0):
+    """Head parameters. `linear`: zeros (the convex objective has one minimizer and a fixed
+    start makes inner solves reproducible). `mlp`: one hidden ReLU layer of width `hidden`,
+    He-initialized from `seed` (zeros would be a saddle); its objective is NOT convex, so
+    influence / CG on it need damping > 0."""
+    if kind == "linear":
+        return {"w": jnp.zeros((dim, num_classes), dtype),
+                "b": jnp.zeros((num_classes,), dtype)}
+    if kind == "mlp":
+        k1, k2 = jax.random.split(jax.random.key(seed))
+        return {"w1": jax.random.normal(k1, (dim, hidden), dtype) * jnp.sqrt(2.0 / dim),
+                "b1": jnp.zeros((hidden,), dtype),
+                "w2": jax.random.normal(k2, (hidden, num_classes), dtype) / jnp.sqrt(hidden),
+                "b2": jnp.zeros((num_classes,), dtype)}
+    raise ValueError(f"unknown head {kind!r}; allowed: {', '.join(HEADS)}")
 
 
 def head_logits(params, features):
     """Logits [B, C] of the head on features [B, D] (computed in the params' dtype)."""
+    if "w1" in params:  # mlp
+        h = jax.nn.relu(features.astype(params["w1"].dtype) @ params["w1"] + params["b1"])
+        return h @ params["w2"] + params["b2"]
     return features.astype(params["w"].dtype) @ params["w"] + params["b"]
 
 
