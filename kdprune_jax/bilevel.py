@@ -33,18 +33,52 @@ from kdprune_jax.selection import policy
 
 @flax.struct.dataclass
 class Problem:
-    """Device arrays of one IF-Beta problem (pool rows sharded on "data").
+    """Device arrays of one IF-Beta problem; rows are sharded on "data" (`make_problem`
+    pads them to a multiple of the device count).
 
     train: {"features" [N, D], "label" int [N], "teacher_logits" [N, C]} of the pool.
-    u: [N] within-class influence ranks in (0, 1). counts: int [C] kept per class.
-    val / val2: the same dict for V1 (outer objective) and V2 (early stopping).
+    u: [N] within-class influence ranks in (0, 1).
+    segment: int [N]: the class of each row, or C for padding rows (a class of its own that
+      keeps 0 examples, so padding always gets pi = 0).
+    counts: int [C + 1] kept per class (the last entry, padding's, is 0).
+    val / val2: the same dict as train plus a "weight" mask (0 on padding) for V1 (outer
+      objective) and V2 (early stopping).
     """
 
     train: dict
     u: jax.Array
+    segment: jax.Array
     counts: jax.Array
     val: dict
     val2: dict
+
+
+def _pad_rows(batch: dict, n: int) -> dict:
+    """Pad every array of `batch` with zero rows up to n rows."""
+    return {k: jnp.concatenate([v, jnp.zeros((n - v.shape[0],) + v.shape[1:], v.dtype)])
+            for k, v in batch.items()}
+
+
+def make_problem(train, u, counts, val, val2, *, num_classes: int, multiple: int = 1):
+    """Build a `Problem` whose row counts are multiples of `multiple` (the device count), so
+    that its rows shard evenly over "data". Padding rows get segment C (count 0 -> pi 0),
+    validation padding gets weight 0: neither changes any objective."""
+
+    def up(n):
+        return -(-n // multiple) * multiple
+
+    n = train["label"].shape[0]
+    segment = jnp.concatenate([train["label"].astype(jnp.int32),
+                               jnp.full((up(n) - n,), num_classes, jnp.int32)])
+    u = jnp.concatenate([jnp.asarray(u), jnp.full((up(n) - n,), 0.5, jnp.asarray(u).dtype)])
+
+    def val_rows(v):
+        m = v["label"].shape[0]
+        w = jnp.ones((m,), v["features"].dtype)
+        return _pad_rows({**v, "weight": w}, up(m))
+
+    counts = jnp.concatenate([jnp.asarray(counts, jnp.int32), jnp.zeros((1,), jnp.int32)])
+    return Problem(_pad_rows(train, up(n)), u, segment, counts, val_rows(val), val_rows(val2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +108,13 @@ class PolicyState:
     step: jax.Array
 
 
-def _pi(phi, prob: Problem, s: Settings):
-    return policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
-                                     prob.counts, s.num_classes)
+def keep_probabilities(phi, prob: Problem, s: Settings):
+    """pi [N_padded] of the policy phi (0 on padding rows)."""
+    return policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.segment,
+                                     prob.counts, s.num_classes + 1)
+
+
+_pi = keep_probabilities
 
 
 def _inner_objective(theta, pi, train, s: Settings):
@@ -85,8 +123,11 @@ def _inner_objective(theta, pi, train, s: Settings):
 
 
 def outer_loss(theta, batch, s: Settings):
-    """Mean KD-aligned loss of the head on a held-out split (no regularizer)."""
-    return jnp.mean(head_lib.head_losses(theta, batch, lam=s.lam, temperature=s.temperature))
+    """Mean KD-aligned loss of the head on a held-out split (no regularizer); rows with
+    batch["weight"] == 0 (padding) do not count."""
+    per = head_lib.head_losses(theta, batch, lam=s.lam, temperature=s.temperature)
+    w = batch.get("weight")
+    return jnp.mean(per) if w is None else jnp.sum(w * per) / jnp.sum(w)
 
 
 def inner_solve(phi, theta0, prob: Problem, s: Settings):
@@ -151,9 +192,12 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
 
 
 def problem_shardings(mesh):
-    """Pool/val rows on "data" would need equal splits; the pool is small (features, not
-    images), so the problem is replicated and XLA partitions the reductions itself."""
-    return sharding.replicated(mesh)
+    """Rows of the pool and validation arrays split over "data" (ImageNet's 1.28M x 2048
+    features do not fit one device), the per-class counts replicated. A `Problem` of
+    shardings: a pytree prefix for jit / device_put."""
+    rows = sharding.batch_sharded(mesh)
+    return Problem(train=rows, u=rows, segment=rows, counts=sharding.replicated(mesh),
+                   val=rows, val2=rows)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -181,7 +181,9 @@ def build_problem(config, ds, feats, logits, log):
                                ds.train.num_classes)
     log(f"[ifbeta] proxy head: {int(info['iterations'])} L-BFGS iterations; influence ranks "
         f"for {len(ds.pool)} examples; V1 {len(v1)} / V2 {len(v2)} examples")
-    prob = bilevel.Problem(train, jnp.asarray(u), jnp.asarray(counts), val1, val2)
+    prob = bilevel.make_problem(train, u, counts, val1, val2,
+                                num_classes=ds.train.num_classes,
+                                multiple=jax.device_count())
     return prob, infl, theta
 
 
@@ -319,18 +321,19 @@ def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
         log(f"[policy] learned (a, b) = ({a:.3f}, {b:.3f}); V1 objective "
             f"{rec['outer_at_init']:.5f} at init -> {rec['outer_at_learned']:.5f}")
     pool_labels = ds.train_labels[ds.pool]
-    pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
-                                   prob.counts, ds.train.num_classes)
-    keep = policy.gumbel_top_k(pi, pool_labels, np.asarray(prob.counts),
-                               ds.train.num_classes, jax.random.key(config.prune.seed))
+    n = len(ds.pool)
+    pi = bilevel.keep_probabilities(phi, prob, s)[:n]  # drop padding rows
+    counts = np.asarray(prob.counts)[:-1]
+    keep = policy.gumbel_top_k(pi, pool_labels, counts, ds.train.num_classes,
+                               jax.random.key(config.prune.seed))
     subset = Subset(
         indices=np.sort(ds.pool[keep]), keep_fraction=float(config.prune.keep_fraction),
-        method="ifbeta", seed=int(config.prune.seed), class_counts=np.asarray(prob.counts),
+        method="ifbeta", seed=int(config.prune.seed), class_counts=counts,
         pool_size=len(ds.pool), direction="learned",
         params={"a": rec["a"], "b": rec["b"], "policy": p.method, "draw": "gumbel_top_k"})
     if jax.process_index() == 0:
-        write_diagnostics(os.path.join(workdir, "ifbeta"), rec, np.asarray(prob.u), infl, keep,
-                          log)
+        write_diagnostics(os.path.join(workdir, "ifbeta"), rec, np.asarray(prob.u)[:n], infl,
+                          keep, log)
     return subset, rec
 
 

@@ -28,8 +28,8 @@ def _problem(n=240, d=5, c=3, seed=0, dtype=jnp.float32, keep=0.4):
     score = rng.normal(size=n)
     u = policy.within_class_ranks(score, labels, c)
     counts = class_keep_counts(labels, keep, c)
-    return bilevel.Problem(train, jnp.asarray(u, dtype), jnp.asarray(counts), split(80),
-                           split(80))
+    return bilevel.make_problem(train, jnp.asarray(u, dtype), counts, split(80), split(80),
+                                num_classes=c, multiple=8)
 
 
 def test_implicit_hypergradient_matches_finite_differences():
@@ -47,26 +47,29 @@ def test_implicit_hypergradient_matches_finite_differences():
 
 
 def test_keep_probabilities_sum_exactly_to_counts_for_every_ab():
-    prob = _problem()
-    labels = prob.train["label"]
+    prob = _problem(n=237)  # 237 rows: padded to 240, the padding must get pi = 0
+    labels = prob.train["label"][:237]
+    counts = np.asarray(prob.counts)[:3]
+    s = bilevel.Settings(num_classes=3)
     for a, b in [(1, 1), (5, 1), (1, 5), (0.3, 0.3), (8, 8), (50, 0.5)]:
         phi = jnp.log(jnp.expm1(jnp.array([a, b], jnp.float32) - policy.EPS))
-        pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), labels,
-                                       prob.counts, 3)
+        pi_all = bilevel.keep_probabilities(phi, prob, s)
+        np.testing.assert_array_equal(pi_all[237:], 0.0)
+        pi = pi_all[:237]
         assert float(pi.max()) <= 1.0 + 1e-6 and float(pi.min()) >= 0.0
         sums = jax.ops.segment_sum(pi, labels, 3)
-        np.testing.assert_allclose(sums, prob.counts, rtol=1e-4)
-        keep = policy.gumbel_top_k(pi, labels, prob.counts, 3, jax.random.key(0))
+        np.testing.assert_allclose(sums, counts, rtol=1e-4)
+        keep = policy.gumbel_top_k(pi, labels, counts, 3, jax.random.key(0))
         np.testing.assert_array_equal(np.bincount(np.asarray(labels)[keep], minlength=3),
-                                      prob.counts)
+                                      counts)
 
 
 def test_beta_1_1_draw_is_random_class_balanced_selection():
     prob = _problem(n=60, c=2, keep=0.5)
-    labels = np.asarray(prob.train["label"])
+    labels = np.asarray(prob.train["label"])[:60]
     phi = jnp.log(jnp.expm1(jnp.array([1.0, 1.0]) - policy.EPS))
-    pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
-                                   prob.counts, 2)
+    pi = bilevel.keep_probabilities(phi, prob, bilevel.Settings(num_classes=2))[:60]
+    prob = prob.replace(counts=prob.counts[:2])
     np.testing.assert_allclose(pi, np.asarray(prob.counts)[labels] / np.bincount(labels)[labels],
                                rtol=1e-4)
     hits = np.zeros(60)
@@ -80,7 +83,7 @@ def test_beta_1_1_draw_is_random_class_balanced_selection():
 
 
 def _run_steps(mesh, n=4):
-    prob = _problem()
+    prob = _problem(n=237)  # padded rows, sharded 8 ways
     s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2)
     tx = optax.adam(0.05)
     theta0 = head_lib.init_head(5, 3)
@@ -102,6 +105,10 @@ def test_outer_step_compiles_once_and_8_devices_equal_1():
     for a, b in zip(h8, h1):
         np.testing.assert_allclose(a["outer"], b["outer"], rtol=1e-5)
     assert all(np.isfinite(m["cg_residual"]) for m in h8)
+    # The pool rows really are split over the 8 devices.
+    prob8 = jax.device_put(_problem(n=237), bilevel.problem_shardings(sharding.make_mesh(8)))
+    assert len(prob8.train["features"].sharding.device_set) == 8
+    assert prob8.train["features"].addressable_shards[0].data.shape[0] == 240 // 8
 
 
 @pytest.mark.slow

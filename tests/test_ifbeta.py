@@ -49,10 +49,9 @@ def test_planted_label_noise_policy_beats_random(tmp_path):
 
     flipped = np.isin(ds.pool, ds.flipped)
     assert abs(flipped.mean() - 0.3) < 0.01
-    pi = policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.train["label"],
-                                   prob.counts, 10)
+    pi = bilevel.keep_probabilities(phi, prob, s)[:len(ds.pool)]
     kept_flipped = [flipped[policy.gumbel_top_k(pi, ds.train_labels[ds.pool],
-                                                np.asarray(prob.counts), 10,
+                                                np.asarray(prob.counts)[:10], 10,
                                                 jax.random.key(k))].mean() for k in range(5)]
     print(f"planted: flipped fraction kept {np.mean(kept_flipped):.3f} (random: 0.300)")
     assert np.mean(kept_flipped) < 0.25
