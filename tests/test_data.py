@@ -97,7 +97,8 @@ def test_real_cifar10_archive_slice():
 
 
 def test_tfds_source_on_mock_data():
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     with tfds.testing.mock_data(num_examples=12):
         s = data.load_split(_cfg(source="tfds", name="cifar10"), "train")
         assert len(s) == 12 and s.num_classes == 10
