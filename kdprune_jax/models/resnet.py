@@ -94,6 +94,24 @@ def _width(c, width):
 
 
 class _ResNetBase(nnx.Module):
+    def _build(self, block, blocks, base_widths, strides, *, stem, num_classes, rngs, dtype,
+               width, zero_init_residual, in_channels):
+        """Stem conv (kernel, stride, padding) + BN, the stages, and the `head`."""
+        self.dtype = dtype
+        self.in_channels = in_channels
+        widths = [_width(c, width) for c in base_widths]
+        k, st, pad = stem
+        self.stem = _conv(in_channels, widths[0], k, st, pad, rngs, dtype)
+        self.stem_bn = _bn(widths[0], rngs, dtype)
+        self.stages, cout = self._make_stages(block, widths[0], widths, blocks, strides, rngs,
+                                              dtype, zero_init_residual)
+        self.head = nnx.Linear(cout, num_classes, dtype=dtype, param_dtype=jnp.float32,
+                               rngs=rngs)
+
+    def _stem(self, x, train):
+        x = _adapt_channels(x, self.in_channels).astype(self.dtype)
+        return nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+
     def _make_stages(self, block, cin, widths, blocks, strides, rngs, dtype, zir):
         stages = []
         for planes, n, stride in zip(widths, blocks, strides):
@@ -127,20 +145,12 @@ class CifarResNet(_ResNetBase):
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 >= 8, got {depth}")
         n = (depth - 2) // 6
-        self.dtype = dtype
-        widths = [_width(c, width) for c in (16, 32, 64)]
-        self.in_channels = in_channels
-        self.stem = _conv(in_channels, widths[0], 3, 1, _PAD1, rngs, dtype)
-        self.stem_bn = _bn(widths[0], rngs, dtype)
-        self.stages, cout = self._make_stages(BasicBlock, widths[0], widths, [n] * 3, [1, 2, 2],
-                                              rngs, dtype, zero_init_residual)
-        self.head = nnx.Linear(cout, num_classes, dtype=dtype, param_dtype=jnp.float32,
-                               rngs=rngs)
+        self._build(BasicBlock, [n] * 3, (16, 32, 64), [1, 2, 2], stem=(3, 1, _PAD1),
+                    num_classes=num_classes, rngs=rngs, dtype=dtype, width=width,
+                    zero_init_residual=zero_init_residual, in_channels=in_channels)
 
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
-        x = _adapt_channels(x, self.in_channels).astype(self.dtype)
-        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
-        return self._finish(self._trunk(x, train), return_features)
+        return self._finish(self._trunk(self._stem(x, train), train), return_features)
 
 
 class ImageNetResNet(_ResNetBase):
@@ -150,19 +160,12 @@ class ImageNetResNet(_ResNetBase):
 
     def __init__(self, block, blocks, *, num_classes: int, rngs: nnx.Rngs, dtype=jnp.float32,
                  width: float = 1.0, zero_init_residual: bool = False, in_channels: int = 3):
-        self.dtype = dtype
-        widths = [_width(c, width) for c in (64, 128, 256, 512)]
-        self.in_channels = in_channels
-        self.stem = _conv(in_channels, widths[0], 7, 2, _PAD3, rngs, dtype)
-        self.stem_bn = _bn(widths[0], rngs, dtype)
-        self.stages, cout = self._make_stages(block, widths[0], widths, blocks, [1, 2, 2, 2],
-                                              rngs, dtype, zero_init_residual)
-        self.head = nnx.Linear(cout, num_classes, dtype=dtype, param_dtype=jnp.float32,
-                               rngs=rngs)
+        self._build(block, blocks, (64, 128, 256, 512), [1, 2, 2, 2], stem=(7, 2, _PAD3),
+                    num_classes=num_classes, rngs=rngs, dtype=dtype, width=width,
+                    zero_init_residual=zero_init_residual, in_channels=in_channels)
 
     def __call__(self, x, *, train: bool = False, return_features: bool = False):
-        x = _adapt_channels(x, self.in_channels).astype(self.dtype)
-        x = nnx.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        x = self._stem(x, train)
         # Max pool 3x3/2 with padding 1 (padding value -inf, as torch.nn.MaxPool2d).
         x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                   ((0, 0), (1, 1), (1, 1), (0, 0)))
