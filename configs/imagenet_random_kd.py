@@ -54,6 +54,9 @@ def get_config(arg: str = ""):
             c[role].width = 0.125
             c[role].optim.num_epochs = 1
             c[role].optim.batch_size = 16
+            # Linear scaling rule (Goyal et al.): 0.4 at batch 1024 is 0.00625 at 16; the
+            # full rate on a 16-image batch of random mock images diverges.
+            c[role].optim.learning_rate = 0.4 * 16 / 1024
             c[role].optim.warmup_epochs = 0.2
             c[role].optim.step_boundaries_epochs = (0.5,)
         c.eval.batch_size = 16

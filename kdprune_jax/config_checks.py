@@ -4,11 +4,12 @@ a subset smaller than a batch) run right after the (cheap) label loading."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import jax
 
-from kdprune_jax import scoring
+from kdprune_jax import scoring, sharding
 from kdprune_jax.autodiff import SOLVERS
 from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
 from kdprune_jax.errors import ConfigError
@@ -31,7 +32,7 @@ def _check_optim(prefix, o, n_dev):
     _positive(f"{prefix}.batch_size", o.batch_size, integer=True)
     if o.batch_size % n_dev:
         raise ConfigError(f"{prefix}.batch_size", o.batch_size,
-                          f"a multiple of the device count ({n_dev})")
+                          sharding.batch_multiple_phrase())
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"{prefix}.momentum", o.momentum, "a number in [0, 1)")
     if o.weight_decay < 0:
@@ -122,7 +123,7 @@ def _check_scoring(config, n_dev) -> None:
     _positive("score.batch_size", config.score.batch_size, integer=True)
     if config.score.batch_size % n_dev:
         raise ConfigError("score.batch_size", config.score.batch_size,
-                          f"a multiple of the device count ({n_dev})")
+                          sharding.batch_multiple_phrase())
     _positive("score.grand_chunk_size", config.score.grand_chunk_size, integer=True)
 
 
@@ -155,9 +156,18 @@ def validate(config) -> None:
             raise ConfigError(f"{role}.model", m.model, ", ".join(MODEL_NAMES))
         _positive(f"{role}.width", m.width)
         _check_optim(f"{role}.optim", m.optim, n_dev)
-    if config.teacher.init and not os.path.isdir(config.teacher.init):
-        raise ConfigError("teacher.init", config.teacher.init,
-                          "'' (train the teacher) or an existing teacher checkpoint directory")
+    init = config.teacher.init
+    is_torch_file = init.endswith((".pt", ".pth")) and not os.path.isdir(init)
+    if init and not (os.path.isfile(init) if is_torch_file else os.path.isdir(init)):
+        raise ConfigError("teacher.init", init,
+                          "'' (train the teacher), an existing .pt/.pth file (PyTorch state "
+                          "dict) or a kdprune_jax teacher checkpoint directory")
+    # Checked here, without importing torch, so a missing optional extra stops the run
+    # before the data is loaded rather than when the teacher stage reads the file.
+    if init and is_torch_file and importlib.util.find_spec("torch") is None:
+        raise ConfigError("teacher.init", init,
+                          "a kdprune_jax teacher checkpoint directory; reading a PyTorch "
+                          ".pt/.pth file needs torch: pip install 'kdprune_jax[torch]'")
 
     if not 0 <= config.kd.alpha <= 1:
         raise ConfigError("kd.alpha", config.kd.alpha, "a number in [0, 1]")
@@ -183,6 +193,6 @@ def validate(config) -> None:
     _positive("eval.batch_size", config.eval.batch_size, integer=True)
     if config.eval.batch_size % n_dev:
         raise ConfigError("eval.batch_size", config.eval.batch_size,
-                          f"a multiple of the device count ({n_dev})")
+                          sharding.batch_multiple_phrase())
     _positive("log_every_steps", config.log_every_steps, integer=True)
     _positive("checkpoint_every_steps", config.checkpoint_every_steps, integer=True)

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from kdprune_jax import artifacts, bilevel, scoring, sharding
+from kdprune_jax import artifacts, bilevel, distributed, scoring, sharding
 from kdprune_jax.data import stratified_split
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.score_stage import Model, batch_pass, forward_fn
@@ -96,19 +96,28 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
         os.makedirs(tmp)
     dim = _feature_dim(teacher, ds)
     store = np.uint16 if dt is ml_dtypes.bfloat16 else dt  # .npy has no bfloat16
-    f_mm = np.lib.format.open_memmap(os.path.join(tmp, "features.npy"), "w+", store, (n, dim))
-    l_mm = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), "w+", np.float32, (n, c))
+    # Every process takes part in the sharded pass and receives every row, but only
+    # process 0 writes the files (one writer per file on a shared workdir); the others
+    # read them back after the barrier below.
+    writer = jax.process_index() == 0
+    if writer:
+        f_mm = np.lib.format.open_memmap(os.path.join(tmp, "features.npy"), "w+", store,
+                                         (n, dim))
+        l_mm = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), "w+", np.float32,
+                                         (n, c))
 
     def sink(idx, vals):
+        if not writer:
+            return
         f = vals[:, c:].astype(dt)
         f_mm[idx] = f.view(np.uint16) if dt is ml_dtypes.bfloat16 else f
         l_mm[idx] = vals[:, :c]
 
     batch_pass(forward_fn(teacher.graphdef), (teacher.params, teacher.batch_stats), ds, config,
                np.arange(n), mesh, sink=sink)
-    f_mm.flush()  # the data is on disk before the directory is renamed into place
-    l_mm.flush()
-    if jax.process_index() == 0:
+    if writer:
+        f_mm.flush()  # the data is on disk before the directory is renamed into place
+        l_mm.flush()
         artifacts.write_json(os.path.join(tmp, "meta.json"),
                              {**want, "seconds": time.perf_counter() - t0})
         old = path + ".old"
@@ -116,6 +125,7 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier("kdprune_features_written")
     log(f"[features] {n} x {dim} features ({config.ifbeta.feature_dtype}) in "
         f"{time.perf_counter() - t0:.1f} s -> {path}")
     feats, logits, _ = _read_features(path)

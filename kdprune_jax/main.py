@@ -1,11 +1,19 @@
 r"""Command line: ``python -m kdprune_jax.main --config=configs/<x>.py[:arg] --workdir=DIR``.
 
-Flags only; everything else lives in `kdprune_jax.pipeline`. Config fields can be
-overridden, e.g. ``--config.kd.alpha=0.5 --config.prune.keep_fraction=0.3``.
+Flags only, then (for a multi-process run) joining JAX's distributed runtime; everything else
+lives in `kdprune_jax.pipeline`. Config fields can be overridden, e.g.
+``--config.kd.alpha=0.5 --config.prune.keep_fraction=0.3``.
 A user mistake (bad config value, missing/corrupt data, unusable artifact) prints one line
-naming the field and the allowed values and exits with status 2, before expensive work.
+naming the field and the allowed values and exits with status 2, before expensive work. In
+a multi-process run every process checks the same things and prints the same line.
+
+Multi-process: start the same command on every host. On a Cloud TPU VM pod slice JAX finds
+the other workers itself (``--distributed=auto`` sees $TPU_WORKER_HOSTNAMES; ``on`` forces
+it); elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --process_id=I``
+(or $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID).
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,6 +22,23 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for artifacts, checkpoints, logs.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Join JAX's multi-process runtime: auto = when a coordinator address or process count is "
+    "given or a multi-host TPU VM is detected; on = always (JAX detects the cluster); off.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordination service "
+    "(default $JAX_COORDINATOR_ADDRESS, or detected on TPU VMs / SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, N).")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 60,
+    "A process silent this long is declared dead and the others stop with an error.")
+_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Persistent XLA compilation cache (default $JAX_COMPILATION_CACHE_DIR or "
+    "/tmp/kdprune_jax_xla_cache; 'none' disables it). A rerun or a resume after preemption "
+    "then skips recompiling.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -25,16 +50,24 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import jax
 
-    from kdprune_jax import pipeline
+    from kdprune_jax import distributed, pipeline
     from kdprune_jax.errors import UserError
 
-    # Persistent compilation cache: a rerun (or a resume after preemption) skips recompiling.
-    jax.config.update("jax_compilation_cache_dir",
-                      jax.config.jax_compilation_cache_dir or "/tmp/kdprune_jax_xla_cache")
+    # Before any other JAX call: the distributed runtime must exist before the backends are
+    # created, or jax.devices() would list this process's devices only.
+    if distributed.wants_distributed(_DISTRIBUTED.value, _COORDINATOR.value,
+                                     _NUM_PROCESSES.value):
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
+    cache = _CACHE_DIR.value or os.environ.get("JAX_COMPILATION_CACHE_DIR") or \
+        "/tmp/kdprune_jax_xla_cache"
+    if cache != "none":
+        jax.config.update("jax_compilation_cache_dir", cache)
     try:
         pipeline.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

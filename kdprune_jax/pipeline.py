@@ -132,17 +132,36 @@ def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fin
 
 
 def import_teacher(config, num_classes: int, mesh):
-    """Load a teacher trained by kdprune_jax from ``teacher.init`` (another workdir's
-    ``teacher/`` directory). Only params and BatchNorm statistics are read, so the
-    optimizer the teacher was trained with does not matter; every array must match the
-    configured model's shape.
+    """Load the teacher named by ``teacher.init``: a teacher trained by kdprune_jax (another
+    workdir's ``teacher/`` directory), or a PyTorch ``.pt``/``.pth`` state dict in
+    torchvision's ResNet layout (``models.torch_import``; needs the ``torch`` extra). Only
+    params and BatchNorm statistics are read, so the optimizer the teacher was trained with
+    does not matter; every array must match the configured model's shape.
+
+    A PyTorch teacher is fingerprinted by the sha256 of the file's bytes (plus model and
+    width), so downstream artifacts survive moving the file and go stale when it changes.
 
     Returns (graphdef, params, batch_stats, fingerprint).
     """
     from flax import nnx
 
-    model = _model(config.teacher, num_classes, config.seed)
+    # Abstract (shapes/dtypes only): every value is overwritten, and eagerly initializing a
+    # ResNet-50 just to discard it takes tens of seconds on a CPU.
+    model = nnx.eval_shape(lambda: _model(config.teacher, num_classes, config.seed))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    init = config.teacher.init
+    if init.endswith((".pt", ".pth")) and not os.path.isdir(init):
+        if not os.path.isfile(init):
+            raise ConfigError("teacher.init", init, "an existing .pt/.pth file or a "
+                              "kdprune_jax teacher checkpoint directory")
+        params, batch_stats = models.torch_state_dict_to_nnx(
+            models.load_torch_checkpoint(init), config.teacher.model, num_classes,
+            width=config.teacher.width, where=f"PyTorch checkpoint {init}")
+        params, batch_stats = sharding.replicate((params, batch_stats), mesh)
+        fp = artifacts.fingerprint({"torch_sha256": models.torch_import.file_sha256(init),
+                                    "model": config.teacher.model,
+                                    "width": config.teacher.width})
+        return graphdef, params, batch_stats, fp
     ck = Checkpointer(config.teacher.init)
     step = ck.latest_step()
     if step is None:

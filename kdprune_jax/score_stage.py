@@ -81,7 +81,15 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
     array [len(train), ...] with each example's row at its source index (NaN elsewhere).
     """
     repl, bsh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    jfn = jax.jit(fn, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=bsh)
+
+    def with_rows(*a):
+        batch = a[-1]
+        return batch["index"], batch["mask"], fn(*a)
+
+    # Outputs replicated: XLA all-gathers each batch's [B, ...] results (small next to
+    # the images) so that every process can read every row; with several processes a
+    # "data"-sharded output would span devices this process cannot address.
+    jfn = jax.jit(with_rows, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=repl)
     args = sharding.replicate(args, mesh)
     out = None
     pending = []
@@ -102,7 +110,7 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
 
     for batch in _eval_batches(ds, config, indices):
         g = sharding.to_global(batch, mesh)
-        pending.append((g["index"], g["mask"], jfn(*args, g)))
+        pending.append(jfn(*args, g))
         if len(pending) >= 16:  # bound host memory; the device stays ahead meanwhile
             flush()
     flush()

@@ -34,25 +34,35 @@ def batch_sharded(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def batch_multiple_phrase() -> str:
+    """What a global batch size must be a multiple of, for error messages: the same text on
+    every process of a multi-process run."""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if n_proc == 1:
+        return f"a positive multiple of the device count ({n_dev})"
+    return (f"a positive multiple of the global device count ({n_dev} = {n_proc} processes x "
+            f"{jax.local_device_count()} devices)")
+
+
 def local_batch_size(global_batch_size: int, field: str = "batch_size") -> int:
-    """Rows of each global batch that this process reads. Raises ConfigError if uneven."""
+    """Rows of each global batch that this process reads (its disjoint slice; never empty).
+
+    Raises ConfigError unless the global batch splits evenly over every device: each
+    process then reads ``global // process_count >= local_device_count`` rows."""
     from kdprune_jax.errors import ConfigError
 
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    if global_batch_size <= 0 or global_batch_size % n_dev:
-        raise ConfigError(
-            field,
-            global_batch_size,
-            f"a positive multiple of the global device count ({n_dev})",
-        )
-    return global_batch_size // n_proc
+    if global_batch_size <= 0 or global_batch_size % jax.device_count():
+        raise ConfigError(field, global_batch_size, batch_multiple_phrase())
+    return global_batch_size // jax.process_count()
 
 
 def to_global(batch: dict, mesh) -> dict:
     """Host-local numpy batch (this process's rows) -> dict of global jax.Arrays on "data".
 
-    This is an explicit host -> device transfer, so it is allowed under
-    `jax.transfer_guard("disallow")`.
+    This is the one intended host -> device transfer of the training loop, so it is allowed
+    explicitly under `jax.transfer_guard("disallow")`: with several processes JAX builds the
+    global array through per-device callbacks, which the guard would otherwise count as
+    implicit transfers.
     """
     sharding = batch_sharded(mesh)
     n_proc = jax.process_count()
@@ -63,7 +73,8 @@ def to_global(batch: dict, mesh) -> dict:
             sharding, x, (x.shape[0] * n_proc,) + x.shape[1:]
         )
 
-    return {k: put(v) for k, v in batch.items()}
+    with jax.transfer_guard_host_to_device("allow"):
+        return {k: put(v) for k, v in batch.items()}
 
 
 def replicate(tree, mesh):

@@ -4,7 +4,8 @@
     logits = model(images, train=False)                   # [B, 10] float32
     logits, feats = model(images, return_features=True)    # + [B, 64] float32
 
-Models never see a config, only these arguments.
+Models never see a config, only these arguments. `torch_state_dict_to_nnx` /
+`load_torch_checkpoint` import torchvision-layout PyTorch ResNet weights (`torch_import`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import functools
 import jax.numpy as jnp
 from flax import nnx
 
+from kdprune_jax.models import torch_import
 from kdprune_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
+from kdprune_jax.models.torch_import import load_torch_checkpoint, torch_state_dict_to_nnx
 
 _REGISTRY = {}
 
@@ -49,4 +52,5 @@ def create_model(name: str, *, num_classes: int, seed: int = 0, dtype=jnp.float3
                            width=width, zero_init_residual=zero_init_residual)
 
 
-__all__ = ["MODEL_NAMES", "create_model", "register_model"]
+__all__ = ["MODEL_NAMES", "create_model", "load_torch_checkpoint", "register_model",
+           "torch_import", "torch_state_dict_to_nnx"]

@@ -14,6 +14,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from kdprune_jax import distributed
 from kdprune_jax.errors import ArtifactError
 
 
@@ -101,8 +102,14 @@ def set_aside_if_stale(directory: str, fingerprint: str, log=print) -> None:
     ck.close()
     if meta is not None and meta.get("fingerprint") == fingerprint:
         return
+    # Every process has read the same metadata (and so took this branch) before process 0
+    # may move the directory.
+    distributed.barrier("kdprune_stale_checkpoint_read")
     aside = f"{directory}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
     if jax.process_index() == 0:
         os.replace(directory, aside)
+    # The others must not open the old directory as their own checkpoint while (or
+    # before) process 0 moves it.
+    distributed.barrier("kdprune_stale_checkpoint_moved")
     log(f"{directory} was written by a different config (fingerprint "
         f"{(meta or {}).get('fingerprint')} != {fingerprint}); moved to {aside}")

@@ -107,6 +107,11 @@ def train_model(
         track_forgetting=bool(track_forgetting_examples),
     )
     kill_at = _fault_injection_point()
+    # XLA:CPU with several processes (gloo collectives) can deadlock when consecutive
+    # steps overlap (observed with JAX 0.10.2: both processes stuck in their all-reduces
+    # after ~150 steps). Waiting for each step costs nothing on a real multi-host pod
+    # (TPU/GPU runs never take this path) and keeps multi-process CPU runs deterministic.
+    sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
     bar = ProgressBar(name, num_steps, start, images_per_step=global_batch_size)
     pending, last_good = [], None
     t0 = time.perf_counter()
@@ -119,6 +124,8 @@ def train_model(
             batch = next(data_iter)
             batch = sharding.to_global(batch, mesh)
             state, metrics = step_fn(state, teacher_vars, batch)
+            if sync_every_step:
+                metrics = jax.block_until_ready(metrics)
             pending.append(metrics)
             is_last = step == num_steps
             if step % log_every_steps == 0 or is_last:
