@@ -50,7 +50,7 @@ def get_config():
     c.teacher = ml_collections.ConfigDict(dict(
         model="cifar_resnet56",
         width=1.0,
-        init="",  # "" = train on the full train split; or a kdprune_jax teacher checkpoint dir
+        init="",  # "" = train on the pool; a kdprune_jax teacher/ dir; or a torchvision .pt
         optim=optim(num_epochs=200, batch_size=128, learning_rate=0.1),
     ))
     c.student = ml_collections.ConfigDict(dict(

@@ -1,7 +1,10 @@
 r"""ImageNet with IF-Beta selection: ResNet-50 teacher -> teacher features -> learned Beta
 policy over influence ranks -> 50% subset -> ResNet-18 student with KD, global batch 1024.
 
-    python -m kdprune_jax.main --config=configs/imagenet_ifbeta.py --workdir=gs://.../run
+    python -m kdprune_jax.main --config=configs/imagenet_ifbeta.py \
+      --workdir=/gcs/BUCKET/runs/NAME
+
+(on a Cloud TPU VM: `launch/tpu_vm.sh run ... --workdir=/gcs/BUCKET/...`, README).
 
 Everything of configs/imagenet_random_kd.py (tfds `imagenet2012` via $TFDS_DATA_DIR, the
 90-epoch step recipe, KD tau 1 / alpha 0.5), with prune.method=ifbeta. The 1.28M x 2048

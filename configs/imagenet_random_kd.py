@@ -1,6 +1,9 @@
 r"""ImageNet: ResNet-50 teacher -> random class-balanced 50% -> ResNet-18 student with KD.
 
-    python -m kdprune_jax.main --config=configs/imagenet_random_kd.py --workdir=gs://.../run
+    python -m kdprune_jax.main --config=configs/imagenet_random_kd.py \
+      --workdir=/gcs/BUCKET/runs/NAME
+
+(on a Cloud TPU VM: `launch/tpu_vm.sh run ... --workdir=/gcs/BUCKET/...`, README).
 
 Reads a prepared tfds `imagenet2012` (set $TFDS_DATA_DIR or config.data.data_dir); nothing
 is downloaded. Recipe (Goyal et al. 2017): global batch 1024, SGD Nesterov momentum 0.9,
