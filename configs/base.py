@@ -79,7 +79,7 @@ def get_config():
     # K student-architecture models trained with CE on the full pool for a short schedule.
     # Their training time is part of the method's pruning cost (reported in results.json).
     c.proxy = ml_collections.ConfigDict(dict(
-        num_models=4,  # K (the paper uses 10); forgetting always uses one run
+        num_models=4,  # K (the paper uses 10); forgetting and influence use one model
         num_epochs=10,  # E (the paper uses ~20 of 200)
         model="",  # "" = the student's architecture
     ))

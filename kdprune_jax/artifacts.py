@@ -55,11 +55,54 @@ def write_json(path: str, obj) -> None:
 
 def read_json(path: str):
     """Read JSON, or None when the file is missing or unreadable (treated as absent)."""
+    return read_json_checked(path)[0]
+
+
+def describe(e: BaseException) -> str:
+    """One line saying what an exception was (for "X is unreadable (...)" log lines)."""
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:200]}" if msg else type(e).__name__
+
+
+def read_json_checked(path: str):
+    """(value, problem): (obj, None) when readable, (None, None) when the file does not
+    exist, (None, "what is wrong") when it exists but is not a JSON document (empty,
+    truncated, garbage). Callers log the problem naming the file, then rebuild or refuse."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, describe(e)
+    if not data.strip():
+        return None, "empty file"
+    try:
+        return json.loads(data), None
+    except ValueError as e:  # includes UnicodeDecodeError (garbage bytes)
+        return None, f"not valid JSON ({describe(e)})"
+
+
+NUMBER = (int, float)
+
+
+def check_fields(obj, fields: dict) -> str | None:
+    """The first problem of a parsed JSON artifact, or None: not an object, a missing key,
+    or a value of the wrong type. `fields` maps dotted key paths to a type or a tuple of
+    types (e.g. ``{"metrics.accuracy": NUMBER}``)."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, found {type(obj).__name__}"
+    for path, types in fields.items():
+        node = obj
+        for key in path.split("."):
+            if not isinstance(node, dict) or key not in node:
+                return f"missing key {path!r}"
+            node = node[key]
+        if not isinstance(node, types) or (isinstance(node, bool) and types is not bool):
+            want = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else
+                                                 (types,)))
+            return f"{path!r} is {type(node).__name__}, expected {want}"
+    return None
 
 
 def write_npz(path: str, **arrays) -> None:

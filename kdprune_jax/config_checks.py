@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import jax
 
@@ -137,6 +139,10 @@ def validate(config) -> None:
         if not d.path or not os.path.exists(d.path):
             raise ConfigError("data.path", d.path,
                               "an existing image folder, .tar/.tar.gz or .npz path")
+        if d.source == "arrays" and not os.path.isfile(d.path):
+            raise ConfigError("data.path", d.path, "an existing .npz file with data.source="
+                              "'arrays' (this path is a directory: use data.source="
+                              "'image_folder' for a folder of images)")
     if d.source == "tfds" and not d.name:
         raise ConfigError("data.name", d.name, "a TFDS dataset name, e.g. 'cifar10'")
     if d.augment not in AUGMENTATIONS:
@@ -196,3 +202,41 @@ def validate(config) -> None:
                           sharding.batch_multiple_phrase())
     _positive("log_every_steps", config.log_every_steps, integer=True)
     _positive("checkpoint_every_steps", config.checkpoint_every_steps, integer=True)
+
+
+# Below this much free space a run would fail on its first checkpoint save (a ResNet-20
+# checkpoint is a few MB, a ResNet-50 one with its optimizer state ~200 MB): a full disk
+# stops the run here, before any training, rather than after the first hour of it.
+MIN_FREE_BYTES = 100 << 20
+
+
+def check_workdir(workdir: str) -> None:
+    """Create `workdir` if needed and check that it takes a new file and has free space.
+
+    The write probe (a temporary file, removed at once) catches what ``os.access`` cannot:
+    a path under a regular file, a read-only mount, a full quota. Existing files in the
+    workdir are never touched.
+    """
+    allowed = "a writable directory (created when missing)"
+    if not workdir:
+        raise ConfigError("--workdir", workdir, allowed)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kdprune_write_probe.", dir=workdir)
+        try:
+            os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise ConfigError("--workdir", workdir,
+                          f"{allowed}; here: {e.strerror or e}") from None
+    try:
+        free = shutil.disk_usage(workdir).free
+    except OSError:  # a filesystem without statvfs: the write probe is all we can check
+        return
+    if free < MIN_FREE_BYTES:
+        raise ConfigError("--workdir", workdir,
+                          f"a directory on a filesystem with at least {MIN_FREE_BYTES >> 20} "
+                          f"MiB free for checkpoints and artifacts (it has "
+                          f"{free / 2**20:.1f} MiB free)")

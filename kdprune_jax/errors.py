@@ -13,14 +13,16 @@ class ConfigError(UserError):
     """A config field holds a value outside its allowed set.
 
     Args:
-      field: dotted config path, e.g. ``"prune.keep_fraction"``.
+      field: dotted config path, e.g. ``"prune.keep_fraction"``, or a command-line flag
+        starting with ``--`` (e.g. ``"--workdir"``), shown as is.
       value: the offending value.
       allowed: human-readable description of the allowed values.
     """
 
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+        name = field if field.startswith("--") else f"config.{field}"
+        super().__init__(f"{name}={value!r} is invalid; allowed: {allowed}")
 
 
 class DataError(UserError):

@@ -12,7 +12,6 @@ following METHOD.md §5; every "our choice" there is a field of config.ifbeta / 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from kdprune_jax import artifacts, bilevel, distributed, scoring, sharding
+from kdprune_jax import artifacts, bilevel, distributed, faults, scoring, sharding
 from kdprune_jax.data import stratified_split
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.score_stage import Model, batch_pass, forward_fn
@@ -45,17 +44,66 @@ def _features_meta(config, ds, teacher: Model) -> dict:
 
 
 def _read_features(path):
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        dt = FEATURE_DTYPES[meta["dtype"]]
-        feats = np.load(os.path.join(path, "features.npy"), mmap_mode="r")
-        logits = np.load(os.path.join(path, "logits.npy"), mmap_mode="r")
-        if feats.shape[0] != meta["num_examples"] or logits.shape[0] != meta["num_examples"]:
-            return None
-        return feats.view(dt) if dt is ml_dtypes.bfloat16 else feats, logits, meta
-    except (OSError, KeyError, ValueError):
-        return None
+    return read_features(path)[0]
+
+
+def read_features(path, num_classes: int | None = None, dim: int | None = None):
+    """((features [N, D], logits [N, C], meta), None) memory-mapped; (None, None) when the
+    directory does not exist; (None, "<file>: what is wrong") when a file is missing, not
+    an .npy / JSON document (empty, truncated, garbage), or of the wrong shape or dtype
+    (N from meta.json; C and D checked when given)."""
+    if not os.path.isdir(path):
+        return None, None
+    meta, problem = artifacts.read_json_checked(os.path.join(path, "meta.json"))
+    if meta is not None:
+        problem = artifacts.check_fields(meta, {"dtype": str, "num_examples": int})
+        if problem is None and meta["dtype"] not in FEATURE_DTYPES:
+            problem = f"unknown dtype {meta['dtype']!r}"
+    if meta is None or problem:
+        return None, f"meta.json: {problem or 'missing'}"
+    n, dt = meta["num_examples"], FEATURE_DTYPES[meta["dtype"]]
+    out = []
+    for name, cols, dtype in (("features.npy", dim, np.uint16 if dt is ml_dtypes.bfloat16
+                               else dt), ("logits.npy", num_classes, np.float32)):
+        try:
+            a = np.load(os.path.join(path, name), mmap_mode="r")
+        except Exception as e:  # numpy raises several types for a damaged header or size
+            return None, f"{name}: {artifacts.describe(e)}"
+        if a.ndim != 2 or a.shape[0] != n or (cols is not None and a.shape[1] != cols):
+            return None, (f"{name}: shape {a.shape}, expected ({n}, "
+                          f"{cols if cols is not None else 'D'}) from meta.json")
+        if a.dtype != dtype:
+            return None, f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}"
+        out.append(a)
+    feats, logits = out
+    return (feats.view(dt) if dt is ml_dtypes.bfloat16 else feats, logits, meta), None
+
+
+def _features_or_problem(path):
+    """read_features + a check that every value is finite; returns float32 arrays."""
+    got, problem = read_features(path)
+    if got is None:
+        return None, problem
+    feats, logits = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
+    for name, a in (("features.npy", feats), ("logits.npy", logits)):
+        if not np.all(np.isfinite(a)):
+            return None, f"{name}: {int(np.sum(~np.isfinite(a)))} NaN or infinite values"
+    return (feats, logits, got[2]), None
+
+
+def refuse_features_dir(given: str, problem: str | None):
+    """The error for an unusable user-given ifbeta.features_dir (nothing to rebuild)."""
+    return ConfigError("ifbeta.features_dir", given,
+                       "'' or a features directory written by kdprune_jax; this one "
+                       + (f"is unreadable ({problem})" if problem else "does not exist"))
+
+
+def check_features_dir(config, ds):
+    """Before any training: a user-given ifbeta.features_dir must be readable (its
+    teacher and data are compared once the teacher is known)."""
+    got, problem = read_features(config.ifbeta.features_dir, ds.train.num_classes)
+    if got is None:
+        raise refuse_features_dir(config.ifbeta.features_dir, problem)
 
 
 def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
@@ -69,13 +117,19 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
     want = _features_meta(config, ds, teacher)
     given = config.ifbeta.features_dir
     path = given or os.path.join(workdir, "features")
-    got = _read_features(path) if os.path.isdir(path) else None
+    got, problem = _features_or_problem(path)
+    if got is not None and all(got[2].get(k) == v for k, v in want.items()):
+        # Made for this teacher and data, so the widths must be this teacher's (a stale
+        # directory of another teacher may have other ones: stale, not damaged).
+        dim, c = _feature_dim(teacher, ds), ds.train.num_classes
+        if got[0].shape[1] != dim or got[1].shape[1] != c:
+            got, problem = None, (f"features.npy / logits.npy: {got[0].shape[1]} / "
+                                  f"{got[1].shape[1]} columns, this teacher has {dim} / {c}")
     if given:
         if got is None:
-            raise ConfigError("ifbeta.features_dir", given,
-                              "'' or a features directory written by kdprune_jax")
-        for key in ("teacher", "data", "eval_transform"):
-            if got[2].get(key) != want[key]:
+            raise refuse_features_dir(given, problem)
+        for key in ("teacher", "data", "eval_transform", "dtype", "num_examples"):
+            if got[2].get(key) != want[key]:  # only read, never recomputed into
                 raise ArtifactError(
                     f"features in {given} were computed with a different {key} "
                     f"({got[2].get(key)!r}) than this run's ({want[key]!r}); they come from "
@@ -83,8 +137,10 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
                     "ifbeta.features_dir empty to recompute them")
     if got is not None and all(got[2].get(k) == v for k, v in want.items()):
         log(f"[features] reusing {path}")
-        return np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
-    if got is not None:
+        return got[0], got[1]
+    if problem:
+        log(f"[features] {path} is unreadable ({problem}); recomputing")
+    elif got is not None:
         log(f"[features] {path} is stale (different teacher, data or dtype); recomputing")
     t0 = time.perf_counter()
     c = ds.train.num_classes
@@ -113,8 +169,10 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
         f_mm[idx] = f.view(np.uint16) if dt is ml_dtypes.bfloat16 else f
         l_mm[idx] = vals[:, :c]
 
+    # Kill points features:batch<k>: a partial features.tmp/ is left behind (removed above
+    # on rerun); features/ only ever appears complete.
     batch_pass(forward_fn(teacher.graphdef), (teacher.params, teacher.batch_stats), ds, config,
-               np.arange(n), mesh, sink=sink)
+               np.arange(n), mesh, sink=sink, name="features")
     if writer:
         f_mm.flush()  # the data is on disk before the directory is renamed into place
         l_mm.flush()
@@ -182,7 +240,7 @@ def build_problem(config, ds, feats, logits, log):
                               damping=ib.damping, max_iters=config.policy.cg_max_iters,
                               tol=config.policy.cg_tol)
     scoring.check_solve(sinfo, solver=ib.influence_solver, tol=config.policy.cg_tol,
-                        where="ifbeta")
+                        where="ifbeta", iters_field="policy.cg_max_iters")
     per_ex = lambda p, b: head_lib.head_losses(p, b, lam=lam, temperature=tau)  # noqa: E731
     infl = np.asarray(scoring.influence_from_s_test(per_ex, theta, train, s))
     u = policy.within_class_ranks(infl, labels[ds.pool], ds.train.num_classes,
@@ -259,6 +317,7 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
     step = bilevel.make_outer_step(s, tx, mesh) if p.method == "implicit" else None
     key = jax.random.key(config.prune.seed)
     best_phi, best_val, since_best = phi0, np.inf, 0
+    kill_armed = faults.armed("policy:step")
     for k in range(p.max_steps):
         # The metrics of step k describe the policy BEFORE its update; keep a host copy
         # (the step donates its input state).
@@ -284,6 +343,8 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
             m["heldout"] = obj  # REINFORCE: no separate inner solution to evaluate on V2
         history.append(m)
         writer.write("policy", k + 1, **m)
+        if kill_armed:  # kill point policy:step<k>: not resumable mid-run, rerun relearns
+            faults.maybe_kill(f"policy:step{k + 1}")
         # Early stopping on V2 (the second held-out split): keep the best policy seen.
         if m["heldout"] < best_val - 1e-6:
             best_val, best_phi, since_best = m["heldout"], phi_before, 0
@@ -308,14 +369,22 @@ def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
     feats, logits = teacher_features(config, ds, mesh, workdir, teacher, log)
     fp = artifacts.fingerprint({
         "teacher": teacher.fingerprint, "data": ds.fingerprint,
+        # the features themselves (eval transform, dtype) and init_theta's seed
+        "features": artifacts.fingerprint(_features_meta(config, ds, teacher)),
+        "init_seed": config.seed,
         "ifbeta": config.ifbeta.to_dict(), "policy": p.to_dict(),
         "keep_fraction": config.prune.keep_fraction, "seed": config.prune.seed})
     rec_path = os.path.join(workdir, "ifbeta", "policy.json")
-    rec = artifacts.read_json(rec_path)
+    rec, problem = artifacts.read_json_checked(rec_path)
+    if rec is not None:
+        problem = _policy_problem(rec)
+    if problem:
+        log(f"[policy] {rec_path} is unreadable ({problem}); relearning")
+        rec = None
     t0 = time.perf_counter()
     prob, infl, _ = build_problem(config, ds, feats, logits, log)
     s = settings(config, ds.train.num_classes)
-    if rec and rec.get("fingerprint") == fp:
+    if rec is not None and rec["fingerprint"] == fp:
         log(f"[policy] reusing {rec_path}")
         phi = jnp.asarray(rec["phi"], jnp.float32)
     else:
@@ -332,7 +401,9 @@ def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
             f"{rec['outer_at_init']:.5f} at init -> {rec['outer_at_learned']:.5f}")
     pool_labels = ds.train_labels[ds.pool]
     n = len(ds.pool)
-    pi = bilevel.keep_probabilities(phi, prob, s)[:n]  # drop padding rows
+    # Jitted: op by op, its associative scan compiled ~350 tiny programs (~17 s on a CPU).
+    pi = jax.jit(bilevel.keep_probabilities, static_argnames="s")(phi, prob, s)
+    pi = pi[:n]  # drop padding rows
     counts = np.asarray(prob.counts)[:-1]
     keep = policy.gumbel_top_k(pi, pool_labels, counts, ds.train.num_classes,
                                jax.random.key(config.prune.seed))
@@ -345,6 +416,23 @@ def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
         write_diagnostics(os.path.join(workdir, "ifbeta"), rec, np.asarray(prob.u)[:n], infl,
                           keep, log)
     return subset, rec
+
+
+def _policy_problem(rec) -> str | None:
+    """What makes a parsed policy.json unusable (None if nothing)."""
+    n = artifacts.NUMBER
+    problem = artifacts.check_fields(rec, {
+        "fingerprint": str, "phi": list, "a": n, "b": n, "method": str, "history": list,
+        "seconds": n, "outer_at_init": n, "outer_at_learned": n})
+    if problem:
+        return problem
+    phi = np.asarray(rec["phi"])
+    if phi.shape != (2,) or phi.dtype.kind not in "fiu" or not np.all(np.isfinite(phi)):
+        return f"'phi' is {rec['phi']!r}, expected 2 finite numbers"
+    a, b = (float(x) for x in policy.beta_params(jnp.asarray(phi, jnp.float32)))
+    if not np.allclose([a, b], [rec["a"], rec["b"]], rtol=1e-5, atol=0):
+        return f"'a', 'b' = {rec['a']}, {rec['b']} do not match 'phi' ({a:.6g}, {b:.6g})"
+    return None
 
 
 def write_diagnostics(out_dir, rec, u, infl, keep, log):

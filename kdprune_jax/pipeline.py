@@ -29,6 +29,7 @@ from kdprune_jax import (
     artifacts,
     config_checks,
     data,
+    faults,
     ifbeta_stage,
     models,
     score_stage,
@@ -38,8 +39,9 @@ from kdprune_jax import (
 )
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train import TrainResult, evaluate, train_model
-from kdprune_jax.train.checkpoint import Checkpointer
+from kdprune_jax.train.checkpoint import Checkpointer, CorruptCheckpointError, state_checksums
 from kdprune_jax.train.metrics import MetricsWriter
+from kdprune_jax.train.state import TrainState
 
 
 def _log(msg: str) -> None:
@@ -58,7 +60,11 @@ class Data:
     pool: np.ndarray  # train indices eligible for training/selection (train minus val)
     val: np.ndarray  # stratified validation indices (METHOD §1)
     flipped: np.ndarray  # indices whose label was flipped by label noise
+    # Everything trained or selected depends on the train side only (train split, validation
+    # split, label noise); the test split is read by the final evaluations alone, which key
+    # their caches on `test_fingerprint` too (so changing data.eval_split retrains nothing).
     fingerprint: str
+    test_fingerprint: str = ""
 
 
 def load_data(config) -> Data:
@@ -83,11 +89,11 @@ def load_data(config) -> Data:
         labels[pool] = noisy
         flipped = pool[flipped_pos]
     fp = artifacts.fingerprint({
-        "train": train.fingerprint, "test": test.fingerprint, "val_fraction": d.val_fraction,
+        "train": train.fingerprint, "val_fraction": d.val_fraction,
         "val_seed": d.val_seed, "label_noise": d.label_noise,
         "label_noise_seed": d.label_noise_seed,
     })
-    return Data(train, test, labels, pool, val, flipped, fp)
+    return Data(train, test, labels, pool, val, flipped, fp, test.fingerprint)
 
 
 def _model(role_cfg, num_classes: int, seed: int):
@@ -168,15 +174,64 @@ def import_teacher(config, num_classes: int, mesh):
         ck.close()
         raise ConfigError("teacher.init", config.teacher.init,
                           "a directory holding a kdprune_jax teacher checkpoint")
-    raw, meta = ck.restore_raw(step)
-    ck.close()
+    try:
+        raw, meta = ck.restore_raw(step)
+    except CorruptCheckpointError as e:  # a user's teacher: refused, never modified
+        raise ConfigError("teacher.init", init, f"a readable kdprune_jax teacher checkpoint "
+                          f"directory; its latest step {step} is unreadable ({e.problem})"
+                          ) from None
+    finally:
+        ck.close()
+    if not (isinstance(raw, dict) and isinstance(raw.get("params"), dict)
+            and isinstance(raw.get("batch_stats"), dict)):
+        raise ConfigError("teacher.init", init, f"a kdprune_jax teacher checkpoint directory; "
+                          f"step {step} holds no 'params' and 'batch_stats' (corrupt or not "
+                          "a train state)")
+    saved_classes = _saved_num_classes(config, num_classes, params, raw["params"])
+    if saved_classes is not None and saved_classes != num_classes:
+        raise ConfigError(
+            "teacher.init", init,
+            f"a teacher checkpoint with one output per class of the data ({num_classes} "
+            f"classes); this {config.teacher.model} teacher was trained on data with "
+            f"{saved_classes} classes. Point teacher.init at a teacher trained on this data, "
+            "or set teacher.init='' to train one")
     where = f"teacher checkpoint {config.teacher.init} (step {step})"
     params = _fill_like(params, raw["params"], where, config.teacher.model)
     batch_stats = _fill_like(batch_stats, raw["batch_stats"], where, config.teacher.model)
     params, batch_stats = sharding.replicate((params, batch_stats), mesh)
+    want = meta.get("checksum") or {}
+    if want:  # silently altered bytes restore fine; the checksum saved with them does not
+        got = state_checksums(TrainState(np.zeros((), np.int32), params, batch_stats, None))
+        bad = [k for k in ("params", "batch_stats") if want.get(k) != got[k]]
+        if bad:
+            raise ConfigError("teacher.init", init, f"an intact kdprune_jax teacher checkpoint;"
+                              f" the {bad[0]} of its step {step} do not match the checksum "
+                              "recorded when it was saved (corrupt)")
     fp = artifacts.fingerprint({"init": os.path.abspath(config.teacher.init), "step": step,
                                 "meta": meta})
     return graphdef, params, batch_stats, fp
+
+
+def _saved_num_classes(config, num_classes: int, params, raw_params) -> int | None:
+    """The class count a saved teacher was trained for, read off the parameters whose shape
+    depends on num_classes (the head), or None if they do not tell (then `_fill_like`
+    reports the first mismatching parameter)."""
+    from flax import nnx
+
+    other = nnx.eval_shape(lambda: _model(config.teacher, num_classes + 1, config.seed))
+    saved = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(raw_params)[0]}
+    other_flat = jax.tree_util.tree_leaves(nnx.split(other, nnx.Param, nnx.BatchStat)[1])
+    found = set()
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], other_flat):
+        if a.shape == b.shape:
+            continue
+        axis = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y][0]
+        got = saved.get(_path_key(path))
+        if got is None or len(got.shape) != len(a.shape) or any(
+                g != w for i, (g, w) in enumerate(zip(got.shape, a.shape)) if i != axis):
+            return None
+        found.add(int(got.shape[axis]))
+    return found.pop() if len(found) == 1 else None
 
 
 def _path_key(path) -> tuple[str, ...]:
@@ -197,7 +252,7 @@ def _fill_like(target, raw, where: str, model_name: str):
         if got is None or tuple(got.shape) != tuple(leaf.shape):
             raise ArtifactError(
                 f"{where} does not fit teacher.model={model_name!r}: parameter "
-                f"{'/'.join(key)} is {None if got is None else tuple(got.shape)} there, "
+                f"{'/'.join(key)} is {'missing' if got is None else tuple(got.shape)} there, "
                 f"{tuple(leaf.shape)} here; set teacher.model/width to the checkpoint's model")
         leaves.append(np.asarray(got, leaf.dtype))
     if len(saved) != len(flat):
@@ -231,11 +286,15 @@ def select_subset(config, ds: Data, workdir: str, scores=None, scores_meta=None)
         "scores": (scores_meta or {}).get("fingerprint"),
     })
     path = os.path.join(workdir, "subset.json")
-    old = selection.load_subset(path)
+    old, problem = selection.read_subset(path)
     if old is not None and old.fingerprint == fp:
-        _log(f"[select] reusing {path} ({len(old.indices)} examples)")
-        return old
-    if old is not None:
+        problem = _subset_problem(old, ds)
+        if problem is None:
+            _log(f"[select] reusing {path} ({len(old.indices)} examples)")
+            return old
+    if problem:
+        _log(f"[select] {path} is unreadable ({problem}); rebuilding")
+    elif old is not None:
         _log(f"[select] {path} is stale (different data, scores or prune config); rebuilding")
     if p.method == "random":
         subset = selection.random_balanced(ds.train_labels, ds.pool, p.keep_fraction,
@@ -246,11 +305,28 @@ def select_subset(config, ds: Data, workdir: str, scores=None, scores_meta=None)
             method=p.method, direction=direction, rule=p.rule, balanced=p.balanced,
             seed=p.seed, ccs_hard_cutoff=p.ccs_hard_cutoff, ccs_strata=p.ccs_strata)
     subset.fingerprint = fp
-    if jax.process_index() == 0:
-        selection.save_subset(path, subset)
+    _write_subset(path, subset)
     _log(f"[select] kept {len(subset.indices)}/{len(ds.pool)} examples "
          f"(keep_fraction {p.keep_fraction}, {p.method}, {direction}) -> {path}")
     return subset
+
+
+def _subset_problem(subset, ds: Data) -> str | None:
+    """What makes a saved subset unusable for this data (None if nothing)."""
+    if subset.pool_size != len(ds.pool) or not np.all(np.isin(subset.indices, ds.pool)):
+        return "indices outside this run's training pool"
+    counts = np.bincount(ds.train_labels[subset.indices], minlength=ds.train.num_classes)
+    if len(subset.class_counts) != len(counts) or np.any(counts != subset.class_counts):
+        return "class_counts do not match the labels of the kept indices"
+    return None
+
+
+def _write_subset(path: str, subset) -> None:
+    """Write subset.json (process 0 only), between the kill points of the select stage."""
+    faults.maybe_kill("select:write")  # kill point: subset chosen, subset.json not written
+    if jax.process_index() == 0:
+        selection.save_subset(path, subset)
+    faults.maybe_kill("select:written")  # kill point: subset.json written, no student yet
 
 
 def _eval_split(graphdef, params, batch_stats, config, split, indices, mesh):
@@ -268,9 +344,7 @@ def run(config, workdir: str) -> dict:
     """Run every stage the config names; returns the results dict (also DIR/results.json)."""
     t_start = time.perf_counter()
     config_checks.validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise ConfigError("--workdir", workdir, "a writable directory")
+    config_checks.check_workdir(workdir)
     mesh = sharding.make_mesh()
     writer = MetricsWriter(workdir)
     timings = {}
@@ -292,9 +366,22 @@ def run(config, workdir: str) -> dict:
         raise ConfigError("student.optim.batch_size", config.student.optim.batch_size,
                           f"at most the subset size ({n_keep} examples at "
                           f"keep_fraction {p.keep_fraction})")
+    # Both schedules must hold at least one full batch; checked here so a too-short
+    # student schedule stops the run before the teacher is trained, not after.
+    trained = [("student", len(ds.pool) if config.student.equal_steps else n_keep)]
+    if config_checks.needs_teacher(config) and not config.teacher.init:
+        trained.insert(0, ("teacher", len(ds.pool)))
+    for role, n in trained:
+        o = config[role].optim
+        if data.num_train_steps(n, o.batch_size, o.num_epochs) < 1:
+            raise ConfigError(f"{role}.optim.batch_size", o.batch_size,
+                              f"at most the number of training examples ({n}) times "
+                              f"{role}.optim.num_epochs ({o.num_epochs}): one full batch")
 
     if p.method == "ifbeta":
         ifbeta_stage.validation_halves(config, ds)
+        if config.ifbeta.features_dir:  # unreadable given features stop the run right here
+            ifbeta_stage.check_features_dir(config, ds)
     if p.scores_file:  # a mismatching score file stops the run before any training
         score_stage.load_external_scores(p.scores_file, {"method": p.method,
                                                          "data": ds.fingerprint},
@@ -312,8 +399,9 @@ def run(config, workdir: str) -> dict:
             res = _train_role("teacher", config, ds, ds.pool, mesh, workdir, writer, teacher_fp)
             teacher = [res.graphdef, res.params, res.batch_stats]
             teacher_metrics.update(steps=res.steps, train_seconds=res.seconds)
-        teacher_metrics.update(_cached_eval(workdir, "teacher", teacher_fp, lambda: _eval_split(
-            *teacher, config, ds.test, np.arange(len(ds.test)), mesh)))
+        teacher_metrics.update(_cached_eval(
+            workdir, "teacher", _eval_fingerprint(config, ds, teacher_fp), lambda: _eval_split(
+                *teacher, config, ds.test, np.arange(len(ds.test)), mesh)))
         timings["teacher_seconds"] = time.perf_counter() - t
         _log(f"[teacher] test accuracy {teacher_metrics['accuracy']:.4f}")
 
@@ -327,8 +415,7 @@ def run(config, workdir: str) -> dict:
         timings["policy_seconds"] = time.perf_counter() - t
         subset.fingerprint = artifacts.fingerprint({"policy": policy_rec["fingerprint"],
                                                     "data": ds.fingerprint})
-        if jax.process_index() == 0:
-            selection.save_subset(os.path.join(workdir, "subset.json"), subset)
+        _write_subset(os.path.join(workdir, "subset.json"), subset)
         _log(f"[select] IF-Beta kept {len(subset.indices)}/{len(ds.pool)} examples "
              f"(a {subset.params['a']:.3f}, b {subset.params['b']:.3f})")
     elif config.prune.method != "random":
@@ -359,19 +446,26 @@ def run(config, workdir: str) -> dict:
 
     # ---- eval
     results_path = os.path.join(workdir, "results.json")
-    old = artifacts.read_json(results_path)
-    if old and old.get("fingerprint") == student_fp:
+    results_fp = _eval_fingerprint(config, ds, student_fp)
+    old, problem = artifacts.read_json_checked(results_path)
+    if old is not None:
+        problem = _results_problem(old, subset if old.get("fingerprint") == results_fp else None,
+                                   teacher is not None)
+    if problem:
+        _log(f"[eval] {results_path} is unreadable ({problem}); re-evaluating")
+    if old is not None and not problem and old["fingerprint"] == results_fp:
         _log(f"[eval] reusing {results_path}")
         results = old
     else:
         t = time.perf_counter()
         student_test = _eval_split(res.graphdef, res.params, res.batch_stats, config,
                                    ds.test, np.arange(len(ds.test)), mesh)
+        faults.maybe_kill("eval:test")  # kill point: between the test and val evaluations
         student_val = _eval_split(res.graphdef, res.params, res.batch_stats, config,
                                   ds.train, ds.val, mesh) if len(ds.val) else {}
         timings["eval_seconds"] = time.perf_counter() - t
         results = {
-            "fingerprint": student_fp,
+            "fingerprint": results_fp,
             "student": {"model": config.student.model, "test": student_test, "val": student_val,
                         "steps": res.steps, "train_seconds": res.seconds},
             "teacher": {"model": config.teacher.model, **teacher_metrics} if teacher else None,
@@ -393,6 +487,7 @@ def run(config, workdir: str) -> dict:
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "config": json.loads(config.to_json_best_effort()),
         }
+        faults.maybe_kill("eval:write")  # kill point: every metric computed, none written
         if jax.process_index() == 0:
             artifacts.write_json(results_path, results)
     results["wall_seconds"] = round(time.perf_counter() - t_start, 3)
@@ -400,11 +495,45 @@ def run(config, workdir: str) -> dict:
     return results
 
 
+def _eval_fingerprint(config, ds: Data, model_fp: str) -> str:
+    """Key of a final evaluation: the model, the test split and the eval transform."""
+    d = config.data
+    return artifacts.fingerprint({"model": model_fp, "test": ds.test_fingerprint,
+                                  "eval": [d.augment, d.image_size, list(d.mean), list(d.std)]})
+
+
+_METRICS = {"accuracy": artifacts.NUMBER, "loss": artifacts.NUMBER, "count": int}
+
+
+def _results_problem(r, subset, has_teacher: bool) -> str | None:
+    """What makes a parsed results.json unusable (None if nothing): a missing key or a
+    wrong type anywhere `format_results` or a reader looks, or (given the run's `subset`,
+    i.e. when the fingerprint matches) another subset size."""
+    n = artifacts.NUMBER
+    problem = artifacts.check_fields(r, {
+        "fingerprint": str, "student.model": str, "student.train_seconds": n,
+        "student.val": dict, "subset.num_kept": int, "subset.pool_size": int,
+        "subset.keep_fraction": n, "subset.method": str, "kd.alpha": n, "devices": int,
+        **{f"student.test.{k}": t for k, t in _METRICS.items()},
+        **({"teacher.model": str, "teacher.accuracy": n, "teacher.loss": n}
+           if has_teacher else {})})
+    if problem is None and subset is not None and r["subset"]["num_kept"] != len(subset.indices):
+        problem = (f"subset.num_kept is {r['subset']['num_kept']}, the subset has "
+                   f"{len(subset.indices)} examples")
+    return problem
+
+
 def _cached_eval(workdir, role, fp, compute) -> dict:
-    """Eval of a frozen model, cached in DIR/<role>_eval.json by the model's fingerprint."""
+    """Eval of a frozen model, cached in DIR/<role>_eval.json by `fp` (the model's
+    fingerprint with the test split's, `_eval_fingerprint`)."""
     path = os.path.join(workdir, f"{role}_eval.json")
-    old = artifacts.read_json(path)
-    if old and old.get("fingerprint") == fp:
+    old, problem = artifacts.read_json_checked(path)
+    if old is not None:
+        problem = artifacts.check_fields(old, {"fingerprint": str, **{
+            f"metrics.{k}": t for k, t in _METRICS.items()}})
+    if problem:
+        _log(f"[{role}] {path} is unreadable ({problem}); re-evaluating")
+    elif old is not None and old["fingerprint"] == fp:
         return old["metrics"]
     metrics = compute()
     if jax.process_index() == 0:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import artifacts, data, losses, models, scoring, sharding
+from kdprune_jax import artifacts, data, faults, losses, models, scoring, sharding
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.scoring import head as head_lib
 from kdprune_jax.train import train_model
@@ -29,6 +29,8 @@ from kdprune_jax.train.metrics import MetricsWriter
 
 TEACHER_METHODS = ("teacher_el2n", "entropy", "margin", "moderate")
 PROXY_METHODS = ("el2n", "grand", "grand_last_layer", "forgetting")
+MULTI_PROXY_METHODS = PROXY_METHODS[:3]  # average over proxy.num_models proxies; the rest
+# (forgetting: one tracked run; influence with model=proxy: one proxy's parameters) train one
 INFLUENCE_METHODS = ("influence", "self_influence")
 SCOPES = ("full", "last_layer", "head")
 
@@ -71,7 +73,7 @@ def _eval_batches(ds, config, indices):
     return dataset
 
 
-def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
+def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores"):
     """Run ``fn(*args, batch) -> [B] or [B, K]`` over `indices` of the train split.
 
     `fn` is jitted once with replicated args and a "data"-sharded batch. Rows of padding
@@ -79,6 +81,7 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
     ``sink(index [b], values [b, ...])`` as they arrive (host memory bounded by a few
     batches: e.g. a memory-mapped file); without a sink they are returned as a float32
     array [len(train), ...] with each example's row at its source index (NaN elsewhere).
+    `name` labels the pass's kill points (``<name>:batch<k>``, see faults.py).
     """
     repl, bsh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
@@ -108,9 +111,12 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None):
             sink(idx[keep], vals[keep])
         pending.clear()
 
-    for batch in _eval_batches(ds, config, indices):
+    kill_armed = faults.armed(f"{name}:batch")
+    for k, batch in enumerate(_eval_batches(ds, config, indices), 1):
         g = sharding.to_global(batch, mesh)
         pending.append(jfn(*args, g))
+        if kill_armed:  # kill point <name>:batch<k>: mid-pass, results so far lost
+            faults.maybe_kill(f"{name}:batch{k}", before=lambda: jax.block_until_ready(pending))
         if len(pending) >= 16:  # bound host memory; the device stays ahead meanwhile
             flush()
     flush()
@@ -143,16 +149,19 @@ def train_proxies(config, ds, mesh, workdir, writer, log, track_forgetting=False
     o = config.student.optim.copy_and_resolve_references()
     with o.unlocked():
         o.num_epochs = p.num_epochs
-    n_models = 1 if config.prune.method == "forgetting" else p.num_models
+    n_models = p.num_models if config.prune.method in MULTI_PROXY_METHODS else 1
     out, seconds = [], 0.0
     train_fn, _ = data.make_transforms(config.data.augment, config.data.image_size,
                                        config.data.mean, config.data.std)
     for k in range(n_models):
         seed = config.seed + 100 + k
         model_name = p.model or config.student.model
+        d = config.data  # the train transform the proxy sees is part of what it is
         fp = artifacts.fingerprint({"proxy": k, "model": model_name, "width": config.student.width,
                                     "optim": o.to_dict(), "seed": seed, "data": ds.fingerprint,
-                                    "forgetting": track_forgetting})
+                                    "forgetting": track_forgetting,
+                                    "transform": [d.augment, d.image_size, list(d.mean),
+                                                  list(d.std)]})
         num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
         if num_steps < 1:
             raise ConfigError("proxy.num_epochs", p.num_epochs,
@@ -336,10 +345,14 @@ def score_params(config) -> dict:
                                       list(config.data.mean), list(config.data.std)]}
     if m in PROXY_METHODS or needs_proxies(config):
         out["proxy"] = config.proxy.to_dict()
+        if m not in MULTI_PROXY_METHODS:  # forgetting / influence train exactly one proxy
+            del out["proxy"]["num_models"]
         out["student"] = [config.student.model, config.student.width,
                           config.student.optim.to_dict()]
+        out["seed"] = config.seed  # proxies are seeded from it
     if m in INFLUENCE_METHODS:
         out["influence"] = config.influence.to_dict()
+        out["seed"] = config.seed  # scope full: the Hessian's examples are drawn with it
     if m == "grand":
         out["grand_chunk"] = config.score.grand_chunk_size
     return out
@@ -350,17 +363,25 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
     """Scores [N_train] for config.prune.method, reusing DIR/scores/<method>.npz when its
     metadata matches. Returns (scores, meta)."""
     method = config.prune.method
+    # The teacher is upstream of the scores only when the method reads it (a KD run has a
+    # teacher whatever the method; el2n, grand and forgetting score with proxies).
+    uses_teacher = teacher is not None and needs_teacher(config)
     meta = {"method": method, "params": score_params(config), "data": ds.fingerprint,
-            "teacher": teacher.fingerprint if teacher is not None else ""}
+            "teacher": teacher.fingerprint if uses_teacher else ""}
     fp = artifacts.fingerprint(meta)
     if config.prune.scores_file:
         return load_external_scores(config.prune.scores_file, meta, len(ds.train))
     path = os.path.join(workdir, "scores", f"{method}.npz")
-    old = read_scores(path)
-    if old is not None and old[1].get("fingerprint") == fp:
+    old, problem = read_scores_checked(path)
+    if old is not None and old[1].get("fingerprint") == fp and len(old[0]) != len(ds.train):
+        # For this very data (a stale file may hold another split's length): damaged.
+        old, problem = None, f"{len(old[0])} scores, the training split has {len(ds.train)}"
+    if problem:
+        log(f"[scores] {path} is unreadable ({problem}); recomputing")
+    elif old is not None and old[1].get("fingerprint") == fp:
         log(f"[scores] reusing {path}")
         return old
-    if old is not None:
+    elif old is not None:
         log(f"[scores] {path} is stale (different data, teacher or parameters); recomputing")
 
     t0 = time.perf_counter()
@@ -368,13 +389,16 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
     num_classes = ds.train.num_classes
     proxy_seconds = 0.0
     t_logits = t_feats = None
-    if teacher is not None:
+    # The teacher pass only for the methods that read teacher logits / features (a KD run
+    # has a teacher whatever the method; el2n, grand and forgetting score with proxies).
+    if teacher is not None and method in TEACHER_METHODS + INFLUENCE_METHODS:
         t_logits, t_feats = logits_and_features(teacher, ds, config, all_idx, mesh,
                                                 num_classes)
     proxies = []
     if needs_proxies(config):
         proxies, proxy_seconds = train_proxies(config, ds, mesh, workdir, writer, log,
                                                track_forgetting=method == "forgetting")
+        faults.maybe_kill("proxies:done")  # kill point: proxies trained, nothing scored
     labels = ds.train_labels
     if method == "teacher_el2n":
         scores = np.asarray(scoring.el2n_from_logits(t_logits, labels))
@@ -417,11 +441,33 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
 
 def read_scores(path):
     """(scores, meta) from a score file, or None when missing or unreadable."""
+    return read_scores_checked(path)[0]
+
+
+def read_scores_checked(path, n: int | None = None):
+    """((scores, meta), None); (None, None) when the file is missing; (None, what is wrong)
+    when it is not a score file: not an .npz (empty, truncated, garbage), no 'scores' or
+    'meta' array, meta not a JSON object, scores not a finite float vector (of length `n`
+    when given)."""
+    if not os.path.exists(path):
+        return None, None
     try:
         with np.load(path) as z:
-            return z["scores"], json.loads(str(z["meta"]))
-    except (OSError, KeyError, ValueError):
-        return None
+            missing = [k for k in ("scores", "meta") if k not in z.files]
+            if missing:
+                return None, f"no array {missing[0]!r} (it has {sorted(z.files)})"
+            scores, meta = np.asarray(z["scores"]), json.loads(str(z["meta"]))
+    except Exception as e:  # zipfile / zlib / numpy / json raise many types for bad bytes
+        return None, artifacts.describe(e)
+    if not isinstance(meta, dict):
+        return None, f"'meta' is a JSON {type(meta).__name__}, expected an object"
+    if scores.ndim != 1 or scores.dtype.kind != "f":
+        return None, f"'scores' is {scores.dtype} {scores.shape}, expected a float vector"
+    if n is not None and len(scores) != n:
+        return None, f"{len(scores)} scores, the training split has {n} examples"
+    if not np.all(np.isfinite(scores)):
+        return None, f"{int(np.sum(~np.isfinite(scores)))} scores are NaN or infinite"
+    return (scores, meta), None
 
 
 def load_external_scores(path, want: dict, n: int):
@@ -429,10 +475,11 @@ def load_external_scores(path, want: dict, n: int):
     method, data and (if `want` names one) teacher; it is only read, never overwritten.
     Called once right after the data loads (method + data, before any training) and again
     in the scores stage (+ teacher)."""
-    got = read_scores(path)
+    got, problem = read_scores_checked(path)
     if got is None:
         raise ConfigError("prune.scores_file", path, "a readable .npz written by kdprune_jax "
-                          "(arrays 'scores' and 'meta')")
+                          "(arrays 'scores' and 'meta'); this one "
+                          + (f"is unreadable ({problem})" if problem else "does not exist"))
     scores, meta = got
     for key, what in (("method", "scoring method"), ("data", "data (source, split, "
                       "validation split, label noise)"), ("teacher", "teacher")):

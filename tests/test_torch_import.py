@@ -58,40 +58,11 @@ def _torchvision(torch, name, num_classes, seed=0):
 
 
 def _torch_cifar_resnet(torch, depth, num_classes, width, seed=0):
-    """The PyTorch equivalent of our `cifar_resnet{depth}`, in torchvision's layout (conv1,
-    bn1, layer1..3 of torchvision BasicBlocks with 1x1 conv + BN downsample, fc)."""
-    from torchvision.models.resnet import BasicBlock
-
-    nn = torch.nn
-    n = (depth - 2) // 6
-    widths = [max(1, int(round(c * width))) for c in (16, 32, 64)]
-
-    class CifarResNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(widths[0])
-            cin = widths[0]
-            for s, (planes, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
-                blocks = []
-                for i in range(n):
-                    st = stride if i == 0 else 1
-                    down = None
-                    if st != 1 or cin != planes:
-                        down = nn.Sequential(nn.Conv2d(cin, planes, 1, st, bias=False),
-                                             nn.BatchNorm2d(planes))
-                    blocks.append(BasicBlock(cin, planes, st, down))
-                    cin = planes
-                setattr(self, f"layer{s}", nn.Sequential(*blocks))
-            self.fc = nn.Linear(cin, num_classes)
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            x = self.layer3(self.layer2(self.layer1(x)))
-            return self.fc(x.mean(dim=(2, 3)))
+    """The PyTorch equivalent of our `cifar_resnet{depth}` (models.torch_cifar)."""
+    from kdprune_jax.models.torch_cifar import torch_cifar_resnet
 
     torch.manual_seed(seed)
-    return _randomize_bn(torch, CifarResNet(), seed)
+    return _randomize_bn(torch, torch_cifar_resnet(depth, num_classes, width), seed)
 
 
 def _our_logits(name, num_classes, width, params, batch_stats, x_nchw):

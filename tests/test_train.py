@@ -1,5 +1,7 @@
 """The jitted KD train step: sharded == single device, one compile, resume == uninterrupted."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,7 +85,7 @@ def test_teacher_is_not_updated_and_loss_decreases():
         np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def _train(tmp_path, num_steps, name="student", ckpt_every=4, opt=OPT):
+def _train(tmp_path, num_steps, name="student", ckpt_every=4, opt=OPT, log_every=2):
     split = data.load_split(ml_collections.ConfigDict(dict(source="digits", max_per_class=0)),
                             "train")
     tr, _ = data.make_transforms("cifar", 8, (64.0,), (96.0,))
@@ -94,7 +96,7 @@ def _train(tmp_path, num_steps, name="student", ckpt_every=4, opt=OPT):
                                               num_steps=12, seed=0, transform=tr),
         num_steps=num_steps, steps_per_epoch=12.5, opt_cfg=opt, mesh=sharding.make_mesh(),
         ckpt_dir=str(tmp_path / "ckpt"), fingerprint="fp", writer=MetricsWriter(str(tmp_path)),
-        global_batch_size=32, log_every_steps=2, checkpoint_every_steps=ckpt_every,
+        global_batch_size=32, log_every_steps=log_every, checkpoint_every_steps=ckpt_every,
         log=lambda *_: None,
     ), split
 
@@ -104,7 +106,7 @@ class _Preempted(Exception):
 
 
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
-    from kdprune_jax.train import loop
+    from kdprune_jax import faults
 
     full, _ = _train(tmp_path / "a", 12)
     # Die right after step 7 (last checkpoint: step 4), as a preempted host would; the
@@ -113,11 +115,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     def die():
         raise _Preempted
 
-    monkeypatch.setattr(loop, "_kill_self", die)
-    monkeypatch.setenv("KDPRUNE_KILL_AT", "student:7")
+    # faults reads $KDPRUNE_KILL_AT once, at import: set its value directly in-process.
+    monkeypatch.setattr(faults, "kill_self", die)
+    monkeypatch.setattr(faults, "KILL_AT", "student:7")
     with pytest.raises(_Preempted):
         _train(tmp_path / "b", 12)
-    monkeypatch.delenv("KDPRUNE_KILL_AT")
+    monkeypatch.setattr(faults, "KILL_AT", None)
     resumed, _ = _train(tmp_path / "b", 12)
     assert resumed.resumed_from == 4
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
@@ -130,11 +133,80 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     assert 0 < again.seconds <= resumed.seconds  # the recorded cost, not 0
 
 
+def _saved_steps_all_finite(ckpt_dir):
+    """{step: every saved param/batch-stat finite} for each checkpoint kept in ckpt_dir."""
+    from kdprune_jax.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(str(ckpt_dir))
+    out = {}
+    for step in ck.mgr.all_steps():
+        raw, _ = ck.restore_raw(step)
+        leaves = jax.tree.leaves((raw["params"], raw["batch_stats"]))
+        out[int(step)] = all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    ck.close()
+    return out
+
+
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     bad = OPT.copy_and_resolve_references()
     bad.learning_rate = 1e12
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+.*checkpoint"):
+    with pytest.raises(NonFiniteLossError) as e:
         _train(tmp_path, 12, opt=bad, ckpt_every=2)
+    msg = str(e.value)
+    assert re.search(r"non-finite (loss at|parameters after) step \d+", msg), msg
+    assert "last finite metrics" in msg and "config.student.optim.learning_rate" in msg
+    assert all(_saved_steps_all_finite(tmp_path / "ckpt").values())  # no NaN checkpoint
+
+
+def _poison_from(monkeypatch, first_bad_step, what):
+    """Make the train step go non-finite from `first_bad_step` on: "batch" feeds NaN images
+    (the loss of that step is NaN), "params" returns NaN weights after an update whose loss
+    was still finite (as an overflowing gradient would)."""
+    from kdprune_jax.train import loop
+
+    real = loop.make_kd_train_step
+    nan_images = jax.jit(lambda b: {**b, "image": b["image"] * jnp.nan})
+    nan_params = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda x: x * jnp.nan,
+                                                                 s.params)))
+
+    def make(*args, **kw):
+        step_fn, calls = real(*args, **kw), [0]
+
+        def step(state, teacher_vars, batch):
+            calls[0] += 1
+            if what == "batch" and calls[0] >= first_bad_step:
+                batch = nan_images(batch)
+            state, metrics = step_fn(state, teacher_vars, batch)
+            if what == "params" and calls[0] >= first_bad_step:
+                state = nan_params(state)
+            return state, metrics
+        return step
+
+    monkeypatch.setattr(loop, "make_kd_train_step", make)
+
+
+@pytest.mark.parametrize(
+    "what,first_bad,log_every,ckpt_every,stop,last_metrics,last_ckpt", [
+        # NaN loss at step 7, seen at the logging step 8 (before step 8 is checkpointed).
+        ("batch", 7, 2, 4, "non-finite loss at step 8", 6, 4),
+        # Finite loss at step 6 but NaN weights after it, on a checkpoint step: not saved.
+        ("params", 6, 2, 3, "non-finite parameters after step 6", 6, 3),
+        # NaN loss at step 5 between logging steps (every 4) on a checkpoint step (every 2):
+        # the checkpoint guard stops it at step 6; step 4 stays the last good checkpoint.
+        ("batch", 5, 4, 2, "non-finite parameters after step 6", 4, 4),
+    ])
+def test_non_finite_stops_with_step_last_metrics_and_good_checkpoint(
+        tmp_path, monkeypatch, what, first_bad, log_every, ckpt_every, stop, last_metrics,
+        last_ckpt):
+    _poison_from(monkeypatch, first_bad, what)
+    with pytest.raises(NonFiniteLossError) as e:
+        _train(tmp_path, 12, ckpt_every=ckpt_every, log_every=log_every)
+    msg = str(e.value)
+    assert stop in msg, msg
+    assert re.search(rf"last finite metrics: \{{'step': {last_metrics}, [^}}]*'loss': [0-9.]+", msg)
+    assert f"last good checkpoint: step {last_ckpt} in {tmp_path / 'ckpt'}" in msg, msg
+    saved = _saved_steps_all_finite(tmp_path / "ckpt")
+    assert max(saved) == last_ckpt and all(saved.values()), saved
 
 
 def test_eval_counts_each_example_once():

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import tarfile
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,7 +81,8 @@ class ArraySource:
 def _fingerprint(*parts) -> str:
     h = hashlib.sha256()
     for p in parts:
-        h.update(p.tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+        h.update(np.ascontiguousarray(p).data if isinstance(p, np.ndarray)
+                 else repr(p).encode())
     return h.hexdigest()[:16]
 
 
@@ -91,7 +93,8 @@ def array_split(images, labels, *, num_classes=None, class_names=None, name="arr
     names = tuple(class_names or (str(c) for c in range(num_classes)))
     return Split(
         ArraySource(np.asarray(images), labels), labels, num_classes, names,
-        _fingerprint(name, labels, images.shape),
+        # The pixels too: another file with the same name, shape and labels is other data.
+        _fingerprint(name, labels, images.shape, np.asarray(images)),
     )
 
 
@@ -124,14 +127,18 @@ def _decode(data: bytes, name: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"corrupt or unreadable image file {name!r}: {e}") from None
+        raise DataError(f"corrupt or unreadable image file {name!r}: {e}; allowed in "
+                        "data.path: JPEG/PNG/BMP files PIL can decode (replace or remove "
+                        "this one)") from None
 
 
 def _folder_members(root: str, split: str):
     """Yield (class_name, file_name, read_bytes_fn) for root/<split>/<class>/<file>."""
     base = os.path.join(root, split)
     if not os.path.isdir(base):
-        raise DataError(f"image folder {root!r} has no split directory {split!r}")
+        have = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        raise DataError(f"image folder data.path={root!r} has no split directory {split!r} "
+                        f"(data.train_split / data.eval_split); allowed: {', '.join(have)}")
     for cls in sorted(os.listdir(base)):
         cdir = os.path.join(base, cls)
         if not os.path.isdir(cdir):
@@ -177,12 +184,18 @@ def _image_folder_split(path: str, split: str, max_per_class: int | None) -> Spl
             if max_per_class and per_class.get(cls, 0) >= max_per_class:
                 continue
             per_class[cls] = per_class.get(cls, 0) + 1
-            entries.append((cls, name, read()))
+            try:
+                entries.append((cls, name, read()))
+            except OSError as e:  # e.g. a directory named like an image, or no permission
+                raise DataError(f"cannot read image file {name!r} in data.path ({e.strerror});"
+                                " allowed: readable JPEG/PNG/BMP files") from None
     else:
         try:
             tf = _open_tar(path)
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"archive {path!r} is truncated or corrupt: {e}") from None
+            raise DataError(f"data.path={path!r}: archive is truncated or corrupt ({e}); "
+                            f"allowed: an image folder or a readable .tar/.tar.gz of "
+                            f"<split>/<class>/<image>") from None
         with tf:
             # Members beyond max_per_class are skipped without decoding.
             members = []
@@ -202,7 +215,9 @@ def _image_folder_split(path: str, split: str, max_per_class: int | None) -> Spl
                     f = tf.extractfile(m)
                     entries.append((cls, f"{path}:{m.name}", f.read()))
             except (tarfile.TarError, OSError, EOFError) as e:
-                raise DataError(f"archive {path!r} is truncated or corrupt: {e}") from None
+                raise DataError(f"data.path={path!r}: archive is truncated or corrupt ({e}); "
+                                f"allowed: an image folder or a readable .tar/.tar.gz of "
+                                f"<split>/<class>/<image>") from None
     if not entries:
         raise DataError(f"no images found for split {split!r} in {path!r}")
     class_names = tuple(sorted({c for c, _, _ in entries}))
@@ -213,14 +228,15 @@ def _image_folder_split(path: str, split: str, max_per_class: int | None) -> Spl
         if img.shape != shape:
             raise DataError(
                 f"image {n!r} has shape {img.shape}, expected {shape} like the first image "
-                f"{entries[0][1]!r}; all images of an image_folder source must share one size"
+                f"{entries[0][1]!r} in data.path; allowed: images of one size (resize them "
+                f"all to {shape[1]}x{shape[0]})"
             )
     labels = np.array([cls_index[c] for c, _, _ in entries], np.int32)
     images = np.stack(images)
     names = [n.rsplit(":", 1)[-1] for _, n, _ in entries]
     return Split(
         ArraySource(images, labels), labels, len(class_names), class_names,
-        _fingerprint("image_folder", os.path.basename(path), split, names, labels),
+        _fingerprint("image_folder", os.path.basename(path), split, names, labels, images),
     )
 
 
@@ -311,9 +327,18 @@ def load_split(data_cfg, split: str) -> Split:
     if kind == "arrays":
         if not os.path.exists(data_cfg.path):
             raise ConfigError("data.path", data_cfg.path, "an existing .npz file")
-        with np.load(data_cfg.path) as z:
-            if f"{split}_images" not in z:
-                raise DataError(f"{data_cfg.path!r} has no array '{split}_images'")
-            images, labels = z[f"{split}_images"], z[f"{split}_labels"]
-        return array_split(images, labels, name=f"arrays/{os.path.basename(data_cfg.path)}")
+        allowed = (f"allowed: an .npz holding uint8 '{split}_images' [N, H, W, C] and "
+                   f"'{split}_labels' [N]")
+        try:
+            with np.load(data_cfg.path) as z:
+                missing = [k for k in (f"{split}_images", f"{split}_labels") if k not in z]
+                if missing:
+                    raise DataError(f"data.path={data_cfg.path!r} has no array "
+                                    f"{missing[0]!r} (it has {sorted(z.files)}); {allowed}")
+                images, labels = z[f"{split}_images"], z[f"{split}_labels"]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"data.path={data_cfg.path!r} is not a readable .npz file "
+                            f"({type(e).__name__}: {e}); {allowed}") from None
+        return array_split(images, labels,
+                           name=f"arrays/{os.path.basename(data_cfg.path)}/{split}")
     raise ConfigError("data.source", kind, ", ".join(SOURCE_KINDS))

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kdprune_jax import autodiff
+from kdprune_jax.errors import UserError
 
 
-class SolverError(RuntimeError):
-    """An inverse-HVP solve diverged or did not converge; the message names the knob."""
+class SolverError(UserError, RuntimeError):
+    """An inverse-HVP solve diverged or did not converge; the message names the residual
+    and the config knob to change (a UserError: the command line prints it as one line)."""
 
 
 @functools.partial(
@@ -53,8 +55,12 @@ def s_test(train_loss, val_loss, params, train_batch, val_batch, *, solver: str 
     )
 
 
-def check_solve(info, *, solver: str, tol: float, where: str = "influence") -> None:
-    """Raise SolverError with the residual and the config knob to change."""
+def check_solve(info, *, solver: str, tol: float, where: str = "influence",
+                iters_field: str | None = None) -> None:
+    """Raise SolverError with the residual and the config knob to change.
+
+    `where` is the config section of the solver's damping (and, unless `iters_field`
+    names another field, of its ``max_iters``)."""
     info = jax.device_get(info)
     res, its = float(info["residual"]), int(info["iterations"])
     if solver == "lissa" and (bool(info["diverged"]) or not jnp.isfinite(res)):
@@ -64,10 +70,13 @@ def check_solve(info, *, solver: str, tol: float, where: str = "influence") -> N
             f"damped Hessian; raise {where}.lissa_scale and/or {where}.damping, or use "
             f"{where}.solver='cg'")
     if not res <= max(tol * 100, 1e-3):
-        knob = "max_iters" if solver != "exact" else "damping"
+        if solver == "exact":
+            fix = f"raise {where}.damping"
+        else:
+            fix = f"raise {iters_field or where + '.max_iters'} or {where}.damping"
         raise SolverError(
             f"{solver} inverse-HVP did not converge: relative residual {res:.3g} after {its} "
-            f"iterations (tolerance {tol:g}); raise {where}.{knob} or {where}.damping")
+            f"iterations (tolerance {tol:g}); {fix}")
 
 
 @functools.partial(jax.jit, static_argnames=("per_example_losses",))

@@ -6,11 +6,12 @@ from kdprune_jax.selection.balanced import (
     class_keep_counts,
     load_subset,
     random_balanced,
+    read_subset,
     save_subset,
 )
 from kdprune_jax.selection.rules import DIRECTIONS, RULES, select_by_score
 
 __all__ = [
     "DIRECTIONS", "RULES", "Subset", "class_keep_counts", "load_subset", "random_balanced",
-    "save_subset", "select_by_score",
+    "read_subset", "save_subset", "select_by_score",
 ]

@@ -118,15 +118,37 @@ def save_subset(path: str, subset: Subset) -> None:
 
 def load_subset(path: str) -> Subset | None:
     """The saved subset, or None if the file is missing or unreadable."""
-    d = artifacts.read_json(path)
-    if not d:
-        return None
+    return read_subset(path)[0]
+
+
+def read_subset(path: str):
+    """(Subset, None); (None, None) when the file is missing; (None, what is wrong) when it
+    is not a well-formed subset (not JSON, a missing key, indices not sorted distinct
+    non-negative integers, class counts not summing to the number kept)."""
+    d, problem = artifacts.read_json_checked(path)
+    if d is None:
+        return None, problem
+    N = artifacts.NUMBER
+    problem = artifacts.check_fields(d, {"indices": list, "keep_fraction": N, "method": str,
+                                         "seed": int, "class_counts": list, "pool_size": int})
+    if problem:
+        return None, problem
     try:
-        return Subset(
-            indices=np.asarray(d["indices"], np.int64), keep_fraction=d["keep_fraction"],
-            method=d["method"], seed=d["seed"], class_counts=np.asarray(d["class_counts"]),
-            pool_size=d["pool_size"], direction=d.get("direction", "-"),
-            params=d.get("params", {}), fingerprint=d.get("fingerprint", ""),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+        idx, counts = np.asarray(d["indices"]), np.asarray(d["class_counts"])
+    except (TypeError, ValueError) as e:  # ragged nested lists
+        return None, f"'indices' / 'class_counts' are not flat lists ({artifacts.describe(e)})"
+    if idx.ndim != 1 or (len(idx) and idx.dtype.kind not in "iu"):
+        return None, "'indices' is not a list of integers"
+    if counts.ndim != 1 or (len(counts) and counts.dtype.kind not in "iu"):
+        return None, "'class_counts' is not a list of integers"
+    if len(idx) and (idx.min() < 0 or np.any(np.diff(idx) <= 0)):
+        return None, "'indices' are not sorted, distinct and non-negative"
+    if int(counts.sum()) != len(idx) or d.get("num_kept", len(idx)) != len(idx):
+        return None, (f"{len(idx)} indices but class_counts sum to {int(counts.sum())} and "
+                      f"num_kept is {d.get('num_kept')}")
+    return Subset(
+        indices=idx.astype(np.int64), keep_fraction=d["keep_fraction"], method=d["method"],
+        seed=d["seed"], class_counts=counts, pool_size=d["pool_size"],
+        direction=d.get("direction", "-"), params=d.get("params", {}),
+        fingerprint=d.get("fingerprint", ""),
+    ), None

@@ -3,6 +3,12 @@
 A checkpoint directory belongs to one fingerprint (model, data, subset, schedule, seed...).
 Orbax writes each step to a temporary directory and renames it on commit, so a process
 killed mid-save leaves the previous step intact and the next run resumes from it.
+
+Every save records a checksum of the saved state (all bits of every leaf) in its metadata,
+and every restore recomputes it: a step whose files are truncated, deleted or silently
+altered is detected (orbax alone only notices the damage it trips over). `open_for_training`
+moves such a step aside to ``<dir>.corrupt-<time>/<step>`` (never deleted) and falls back to
+the previous intact step, or to step 0.
 """
 
 from __future__ import annotations
@@ -12,10 +18,51 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kdprune_jax import distributed
+from kdprune_jax.artifacts import describe
 from kdprune_jax.errors import ArtifactError
+
+
+class CorruptCheckpointError(ArtifactError):
+    """A checkpoint step cannot be restored, or its state does not match its checksum."""
+
+    def __init__(self, directory: str, step: int, problem: str):
+        self.directory, self.step, self.problem = directory, step, problem
+        super().__init__(f"checkpoint {directory} step {step} is unreadable ({problem})")
+
+
+def _as_uint32(x):
+    """Every bit of a leaf as uint32 words (floats bitcast, small types widened)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+        return x.astype(jnp.uint32)
+    if x.dtype.itemsize == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8-byte types: [..., 2] words
+
+
+@jax.jit
+def _checksums(state):
+    """uint32 [3]: checksums of state.params, state.batch_stats and the whole state."""
+    def one(tree):
+        acc = jnp.uint32(2166136261)
+        for x in jax.tree.leaves(tree):  # order-sensitive (FNV-style), wrapping sums
+            acc = (acc ^ jnp.sum(_as_uint32(x), dtype=jnp.uint32)) * jnp.uint32(16777619)
+        return acc
+
+    return jnp.stack([one(state.params), one(state.batch_stats), one(state)])
+
+
+def state_checksums(state) -> dict:
+    """{"params", "batch_stats", "state"} -> int: exact (integer) checksums of a train
+    state, independent of its sharding; recorded at save, compared at restore/import."""
+    c = np.asarray(jax.device_get(_checksums(state)))
+    return {"params": int(c[0]), "batch_stats": int(c[1]), "state": int(c[2])}
 
 
 def _abstract(tree):
@@ -49,7 +96,19 @@ class Checkpointer:
         except Exception:  # an unreadable meta means an unusable checkpoint
             return None
 
+    def read_meta_checked(self, step: int):
+        """(meta, None), or (None, what is wrong) when the step's metadata is unreadable."""
+        try:
+            out = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = dict(out["meta"])
+        except Exception as e:  # orbax/tensorstore raise many types for a damaged file
+            return None, f"metadata: {describe(e)}"
+        if not isinstance(meta.get("fingerprint"), str):
+            return None, "metadata has no fingerprint"
+        return meta, None
+
     def save(self, step: int, state, meta: dict, data_iter=None, *, force: bool = False):
+        meta = {**meta, "checksum": state_checksums(state)}
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -64,13 +123,14 @@ class Checkpointer:
             items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
             out = self.mgr.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            raise ArtifactError(
-                f"checkpoint {self.directory} step {step} cannot be restored into this model "
-                f"({type(e).__name__}: {str(e)[:300]}); it was written by a different model or"
-                " is corrupt. Move it away or use a new --workdir."
-            ) from None
-        return out["state"], dict(out["meta"])
+        except Exception as e:  # truncated/deleted/garbage files, or another model's state
+            raise CorruptCheckpointError(self.directory, step, describe(e)) from None
+        meta = dict(out["meta"])
+        want = (meta.get("checksum") or {}).get("state")
+        if want is not None and state_checksums(out["state"])["state"] != want:
+            raise CorruptCheckpointError(self.directory, step, "the restored state does not "
+                                         "match the checksum recorded when it was saved")
+        return out["state"], meta
 
     def restore_raw(self, step: int):
         """Restore the saved state as plain nested dicts of arrays (no target structure),
@@ -80,8 +140,7 @@ class Checkpointer:
             out = self.mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         except Exception as e:
-            raise ArtifactError(f"checkpoint {self.directory} step {step} is unreadable "
-                                f"({type(e).__name__}: {str(e)[:300]})") from None
+            raise CorruptCheckpointError(self.directory, step, describe(e)) from None
         return out["state"], dict(out["meta"])
 
     def wait(self):
@@ -92,20 +151,70 @@ class Checkpointer:
         self.mgr.close()
 
 
-def set_aside_if_stale(directory: str, fingerprint: str, log=print) -> None:
+def _aside_path(path: str, kind: str) -> str:
+    """``<path>.<kind>-<time>`` (plus ``-2``, ``-3``... if that exists already)."""
+    base = f"{path}.{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while os.path.exists(out):
+        k += 1
+        out = f"{base}-{k}"
+    return out
+
+
+def _everyone(ok: bool) -> bool:
+    """True when `ok` holds on every process (all of them then take the same branch)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def set_aside_corrupt_step(directory: str, step: int, problem: str, log=print,
+                           name: str = "") -> str:
+    """Move the unreadable step ``<directory>/<step>`` to ``<directory>.corrupt-<time>/<step>``
+    (never deleted), so the manager sees only the intact steps. Returns the new path."""
+    src = os.path.join(directory, str(step))
+    aside = _aside_path(directory, "corrupt")
+    distributed.barrier("kdprune_corrupt_checkpoint_found")
+    if jax.process_index() == 0:
+        os.makedirs(aside)
+        os.replace(src, os.path.join(aside, str(step)))
+    distributed.barrier("kdprune_corrupt_checkpoint_moved")
+    prefix = f"[{name}] " if name else ""
+    log(f"{prefix}checkpoint {src} is unreadable ({problem}); moved to "
+        f"{os.path.join(aside, str(step))}")
+    return aside
+
+
+def set_aside_if_stale(directory: str, fingerprint: str, log=print, name: str = "") -> None:
     """If `directory` holds a checkpoint written for another fingerprint, rename it to
-    ``<directory>.stale-<time>`` (never delete: nothing already computed is lost)."""
+    ``<directory>.stale-<time>`` (never delete: nothing already computed is lost). Steps
+    whose metadata is unreadable are corrupt, not stale: each is moved aside on its own
+    (`set_aside_corrupt_step`) and the next older step decides."""
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
     ck = Checkpointer(directory)
-    meta = ck.read_meta()
+    steps = sorted(ck.mgr.all_steps(), reverse=True)
+    meta = None
+    for step in steps:
+        meta, problem = ck.read_meta_checked(step)
+        if _everyone(meta is not None):
+            break
+        ck.close()
+        set_aside_corrupt_step(directory, step, problem or "unreadable on another process",
+                               log, name)
+        meta = None
+        ck = Checkpointer(directory)
     ck.close()
+    if steps and meta is None:
+        return  # every step was corrupt and is set aside: training starts from step 0 here
     if meta is not None and meta.get("fingerprint") == fingerprint:
         return
     # Every process has read the same metadata (and so took this branch) before process 0
     # may move the directory.
     distributed.barrier("kdprune_stale_checkpoint_read")
-    aside = f"{directory}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = _aside_path(directory, "stale")
     if jax.process_index() == 0:
         os.replace(directory, aside)
     # The others must not open the old directory as their own checkpoint while (or
@@ -113,3 +222,32 @@ def set_aside_if_stale(directory: str, fingerprint: str, log=print) -> None:
     distributed.barrier("kdprune_stale_checkpoint_moved")
     log(f"{directory} was written by a different config (fingerprint "
         f"{(meta or {}).get('fingerprint')} != {fingerprint}); moved to {aside}")
+
+
+def open_for_training(directory: str, fingerprint: str, state_like, make_iter, log=print,
+                      name: str = ""):
+    """The checkpoint manager of one training run, restored from its latest INTACT step.
+
+    A stale directory is moved aside (`set_aside_if_stale`); a step that fails to restore
+    or whose state does not match its checksum is moved to ``<dir>.corrupt-<time>/<step>``
+    with one log line, and the next older step is tried, down to none (train from step 0).
+    `make_iter()` builds a fresh data iterator for each attempt (a failed restore may have
+    moved the previous one). Returns (checkpointer, step or None, state, meta, data_iter).
+    """
+    set_aside_if_stale(directory, fingerprint, log, name)
+    while True:
+        ckpt = Checkpointer(directory)
+        data_iter = make_iter()
+        step = ckpt.latest_step()
+        if step is None:
+            return ckpt, None, state_like, {}, data_iter
+        try:
+            state, meta = ckpt.restore(step, state_like, data_iter)
+            problem = None
+        except CorruptCheckpointError as e:
+            problem = e.problem
+        if _everyone(problem is None):
+            return ckpt, step, state, meta, data_iter
+        ckpt.close()
+        set_aside_corrupt_step(directory, step, problem or "unreadable on another process",
+                               log, name)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import sharding
+from kdprune_jax import faults, sharding
 from kdprune_jax.errors import UserError
 from kdprune_jax.scoring.forgetting import init_tracker
-from kdprune_jax.train.checkpoint import Checkpointer, set_aside_if_stale
+from kdprune_jax.train.checkpoint import open_for_training
 from kdprune_jax.train.metrics import MetricsWriter, ProgressBar
 from kdprune_jax.train.state import TrainState, make_optimizer
 from kdprune_jax.train.steps import make_eval_step, make_kd_train_step
@@ -59,6 +58,7 @@ def train_model(
     checkpoint_every_steps: int = 500,
     log=print,
     track_forgetting_examples: int = 0,
+    on_log=None,
 ) -> TrainResult:
     """Train `model` for `num_steps` steps, resuming from `ckpt_dir` if possible.
 
@@ -69,6 +69,9 @@ def train_model(
       fingerprint: identifies this run; a checkpoint with another fingerprint is moved aside.
       track_forgetting_examples: if > 0, track forgetting events for example indices in
         [0, this) on device (returned in TrainResult.extra).
+      on_log: optional ``(step, metrics) -> None`` called on every logging step with the
+        host-side averaged metrics (e.g. to watch memory in a soak test). It runs inside
+        the loop's transfer guard, so it must not move data between host and device.
     Returns:
       TrainResult with the final (replicated) params and batch stats.
     """
@@ -77,15 +80,14 @@ def train_model(
     extra = init_tracker(track_forgetting_examples) if track_forgetting_examples else None
     state = sharding.replicate(TrainState.create(params, batch_stats, tx, extra), mesh)
 
-    set_aside_if_stale(ckpt_dir, fingerprint, log)
-    ckpt = Checkpointer(ckpt_dir)
-    data_iter = iter(dataset_fn())
+    # A stale checkpoint directory is moved aside; a corrupt step too, with one log line,
+    # and the latest intact step (or step 0) is where training continues.
+    ckpt, latest, state, saved_meta, data_iter = open_for_training(
+        ckpt_dir, fingerprint, state, lambda: iter(dataset_fn()), log=log, name=name)
     start, resumed_from = 0, None
     meta = {"fingerprint": fingerprint, "num_steps": num_steps, "name": name}
-    latest = ckpt.latest_step()
     prior_seconds = 0.0  # training time already spent by earlier (interrupted) runs
     if latest is not None:
-        state, saved_meta = ckpt.restore(latest, state, data_iter)
         prior_seconds = float(saved_meta.get("train_seconds", 0.0))
         start = resumed_from = int(latest)
         if start >= num_steps:
@@ -106,7 +108,9 @@ def train_model(
         temperature=temperature, learning_rate_fn=schedule,
         track_forgetting=bool(track_forgetting_examples),
     )
-    kill_at = _fault_injection_point()
+    # Fault injection (faults.py): KDPRUNE_KILL_AT=<name>:<step> SIGKILLs the process right
+    # after that step; checked per step only when a kill point of this loop is set.
+    kill_armed = faults.armed(f"{name}:")
     # XLA:CPU with several processes (gloo collectives) can deadlock when consecutive
     # steps overlap (observed with JAX 0.10.2: both processes stuck in their all-reduces
     # after ~150 steps). Waiting for each step costs nothing on a real multi-host pod
@@ -133,29 +137,31 @@ def train_model(
                 pending = []
                 avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                 if not all(math.isfinite(v) for v in avg.values()):
-                    ckpt.wait()
-                    good = ckpt.latest_step()
-                    ckpt.close()
-                    raise NonFiniteLossError(
-                        f"[{name}] non-finite loss at step {step} (metrics {avg}); last "
-                        f"finite metrics: {last_good}; last good checkpoint: step {good} in "
-                        f"{ckpt_dir}. Lower the learning rate (config.*.optim.learning_rate)."
-                    )
+                    raise _non_finite(f"non-finite loss at step {step} (metrics {avg})",
+                                      name, last_good, ckpt, ckpt_dir)
                 last_good = {"step": step, **avg}
                 now = time.perf_counter()
                 rate = global_batch_size * (step - last_log_step) / max(now - t_log, 1e-9)
                 t_log, last_log_step = now, step
                 writer.write(name, step, epoch=step / steps_per_epoch,
                              images_per_sec=rate, **avg)
+                if on_log is not None:
+                    on_log(step, avg)
                 bar.update(step, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
             else:
                 bar.update(step)
             if step % checkpoint_every_steps == 0 or is_last:
+                # The loss of step k is computed BEFORE update k, and checkpoint steps need
+                # not be logging steps: only finite weights are saved, so the last
+                # checkpoint is always a good one to resume from.
+                if not bool(jax.device_get(_all_finite((state.params, state.batch_stats)))):
+                    raise _non_finite(f"non-finite parameters after step {step}", name,
+                                      last_good, ckpt, ckpt_dir)
                 meta["train_seconds"] = prior_seconds + time.perf_counter() - t0
                 ckpt.save(step, state, meta, data_iter, force=is_last)
-            if kill_at == (name, step):
-                ckpt.wait()  # deterministic kill point: saves up to here have committed
-                _kill_self()
+            if kill_armed:  # kill point <name>:<step>; waits for the saves started so far to
+                # commit, so the resume point is deterministic
+                faults.maybe_kill(f"{name}:{step}", before=ckpt.wait)
     bar.close()
     ckpt.close()
     seconds = prior_seconds + time.perf_counter() - t0
@@ -163,19 +169,23 @@ def train_model(
                        resumed_from, state.extra)
 
 
-def _fault_injection_point():
-    """Fault injection for resume tests: KDPRUNE_KILL_AT=<stage>:<step> makes the process
-    SIGKILL itself right after that training step (as a preempted TPU VM would die), once
-    the checkpoints already started have committed, so the resume point is deterministic."""
-    spec = os.environ.get("KDPRUNE_KILL_AT", "")
-    if ":" not in spec:
-        return None
-    stage, step = spec.rsplit(":", 1)
-    return stage, int(step)
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _kill_self():
-    os.kill(os.getpid(), signal.SIGKILL)
+def _non_finite(what: str, name: str, last_good, ckpt, ckpt_dir) -> NonFiniteLossError:
+    """The error for a NaN/Inf: the step, the last finite metrics, the kept checkpoint."""
+    ckpt.wait()
+    good = ckpt.latest_step()
+    ckpt.close()
+    knob = (f"config.{name}.optim.learning_rate" if name in ("teacher", "student")
+            else "config.*.optim.learning_rate")
+    return NonFiniteLossError(
+        f"[{name}] {what}; last finite metrics: "
+        f"{last_good or 'none logged in this run'}; last good checkpoint: "
+        f"{f'step {good} in {ckpt_dir} (kept)' if good is not None else 'none written yet'}"
+        f"; non-finite weights are never saved. Lower the learning rate ({knob}).")
 
 
 def evaluate(graphdef, params, batch_stats, dataset, mesh) -> dict:

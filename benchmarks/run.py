@@ -1,0 +1,74 @@
+r"""Run every benchmark, print one table and write JSON + Markdown.
+
+    pip install -e '.[bench]'
+    python -m benchmarks.run                      # everything (~?? min on 2 cores)
+    python -m benchmarks.run --only kd_step,grand --quick
+
+Each row: the workload, our figure, the reference's figure measured in the same process,
+the ratio (> 1 = ours faster), the median of >= 5 repetitions after warm-up, compile time
+apart, and for XLA programs the FLOPs from cost analysis and the achieved GFLOP/s, to be read
+against the machine's measured matmul peak (also reported). Results go to
+``benchmarks/results/<name>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from benchmarks import common
+
+SUITES = ("kd_step", "grand")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=",".join(SUITES),
+                    help=f"comma-separated subset of: {', '.join(SUITES)}")
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer repetitions and smaller sizes (a smoke run, not for figures)")
+    ap.add_argument("--name", default="latest", help="results file stem")
+    args = ap.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    bad = [s for s in only if s not in SUITES]
+    if bad:
+        print(f"error: --only {','.join(bad)} is invalid; allowed: {', '.join(SUITES)}",
+              file=sys.stderr)
+        return 2
+
+    reps = 5  # the median of >= 5 repetitions, always
+    rows: list[common.Row] = []
+    t0 = time.perf_counter()
+    peak = common.matmul_peak(n=512 if args.quick else 2048)
+    if "kd_step" in only:
+        from benchmarks import kd_step
+
+        pairs = kd_step.PAIRS[1:] if args.quick else kd_step.PAIRS
+        rows += kd_step.run(reps=reps, steps_per_rep=1 if args.quick else 5,
+                            batch_size=16 if args.quick else 128, pairs=pairs,
+                            torch_compile=not args.quick)
+    if "grand" in only:
+        from benchmarks import grand
+
+        rows += grand.run(n=64 if args.quick else 2048, chunk_size=32 if args.quick else 128,
+                          reps=reps, model_name="cifar_resnet8" if args.quick else
+                          "cifar_resnet20")
+    out = {"machine": common.machine(), "matmul_peak": peak, "quick": args.quick,
+           "seconds": round(time.perf_counter() - t0, 1), "rows": [r.to_dict() for r in rows]}
+    print(common.format_table(rows))
+    print(f"matmul peak ({peak['n']}^2 f32): XLA {peak['xla_gflops']:.1f} GFLOP/s"
+          + (f", PyTorch {peak['torch_gflops']:.1f}" if "torch_gflops" in peak else ""))
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"{args.name}.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    with open(os.path.join(d, f"{args.name}.md"), "w") as f:
+        f.write(common.format_markdown(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
