@@ -43,6 +43,21 @@ def main(argv=None) -> int:
     rows: list[common.Row] = []
     t0 = time.perf_counter()
     peak = common.matmul_peak(n=512 if args.quick else 2048)
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(d, exist_ok=True)
+
+    def save():
+        """Rewrite the results after every suite: a long run that is stopped keeps what
+        it measured."""
+        out = {"machine": common.machine(), "matmul_peak": peak, "quick": args.quick,
+               "seconds": round(time.perf_counter() - t0, 1),
+               "rows": [r.to_dict() for r in rows]}
+        with open(os.path.join(d, f"{args.name}.json"), "w") as f:
+            json.dump(out, f, indent=2)
+        with open(os.path.join(d, f"{args.name}.md"), "w") as f:
+            f.write(common.format_markdown(rows) + "\n")
+        print(common.format_table(rows), flush=True)
+
     if "kd_step" in only:
         from benchmarks import kd_step
 
@@ -50,23 +65,16 @@ def main(argv=None) -> int:
         rows += kd_step.run(reps=reps, steps_per_rep=1 if args.quick else 5,
                             batch_size=16 if args.quick else 128, pairs=pairs,
                             torch_compile=not args.quick)
+        save()
     if "grand" in only:
         from benchmarks import grand
 
         rows += grand.run(n=64 if args.quick else 2048, chunk_size=32 if args.quick else 128,
                           reps=reps, model_name="cifar_resnet8" if args.quick else
                           "cifar_resnet20")
-    out = {"machine": common.machine(), "matmul_peak": peak, "quick": args.quick,
-           "seconds": round(time.perf_counter() - t0, 1), "rows": [r.to_dict() for r in rows]}
-    print(common.format_table(rows))
+        save()
     print(f"matmul peak ({peak['n']}^2 f32): XLA {peak['xla_gflops']:.1f} GFLOP/s"
           + (f", PyTorch {peak['torch_gflops']:.1f}" if "torch_gflops" in peak else ""))
-    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, f"{args.name}.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    with open(os.path.join(d, f"{args.name}.md"), "w") as f:
-        f.write(common.format_markdown(rows) + "\n")
     return 0
 
 
