@@ -73,3 +73,14 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def all_agree(ok: bool) -> bool:
+    """True when `ok` holds on every process, so that all of them take the same branch
+    (e.g. "this checkpoint step is intact") before any one changes the shared workdir."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))

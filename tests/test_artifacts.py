@@ -188,13 +188,21 @@ def _comparable_results(r):
     return out
 
 
-@pytest.mark.parametrize("kind", list(EL2N_FILES))
-def test_corrupt_files_are_named_and_rebuilt(el2n_ref, tmp_path, capsys, kind):
-    config, ref, ref_results = el2n_ref
-    wd = _copy(el2n_ref, tmp_path)
-    for rel, corrupt in EL2N_FILES[kind].items():
+def _corrupt_and_rerun(reference, files, tmp_path, capsys):
+    """Copy a reference workdir, damage `files` ({relative path: corrupt(path)}), run the
+    same config again; returns (workdir, results, captured output)."""
+    config = reference[0]
+    wd = _copy(reference, tmp_path)
+    for rel, corrupt in files.items():
         corrupt(os.path.join(wd, rel))
     results, out = _run(config, wd, capsys)
+    return wd, results, out
+
+
+@pytest.mark.parametrize("kind", list(EL2N_FILES))
+def test_corrupt_files_are_named_and_rebuilt(el2n_ref, tmp_path, capsys, kind):
+    ref, ref_results = el2n_ref[1:]
+    wd, results, out = _corrupt_and_rerun(el2n_ref, EL2N_FILES[kind], tmp_path, capsys)
     for rel in EL2N_FILES[kind]:
         stage, action = WHAT[rel]
         line = _one_line(out, stage, f"{rel} is unreadable (")
@@ -239,11 +247,8 @@ IFBETA_FILES = {  # one features file + policy.json per kind
 
 @pytest.mark.parametrize("kind", list(IFBETA_FILES))
 def test_corrupt_ifbeta_artifacts_are_named_and_rebuilt(ifbeta_ref, tmp_path, capsys, kind):
-    config, ref, ref_results = ifbeta_ref
-    wd = _copy(ifbeta_ref, tmp_path)
-    for rel, corrupt in IFBETA_FILES[kind].items():
-        corrupt(os.path.join(wd, rel))
-    results, out = _run(config, wd, capsys)
+    ref, ref_results = ifbeta_ref[1:]
+    wd, results, out = _corrupt_and_rerun(ifbeta_ref, IFBETA_FILES[kind], tmp_path, capsys)
     (feat_file,) = [os.path.basename(r) for r in IFBETA_FILES[kind] if r.startswith("feat")]
     line = _one_line(out, "[features]", "/features is unreadable (", f"({feat_file}:")
     assert line.rstrip().endswith("recomputing")

@@ -161,15 +161,6 @@ def _aside_path(path: str, kind: str) -> str:
     return out
 
 
-def _everyone(ok: bool) -> bool:
-    """True when `ok` holds on every process (all of them then take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
-
-
 def set_aside_corrupt_step(directory: str, step: int, problem: str, log=print,
                            name: str = "") -> str:
     """Move the unreadable step ``<directory>/<step>`` to ``<directory>.corrupt-<time>/<step>``
@@ -199,7 +190,7 @@ def set_aside_if_stale(directory: str, fingerprint: str, log=print, name: str = 
     meta = None
     for step in steps:
         meta, problem = ck.read_meta_checked(step)
-        if _everyone(meta is not None):
+        if distributed.all_agree(meta is not None):
             break
         ck.close()
         set_aside_corrupt_step(directory, step, problem or "unreadable on another process",
@@ -246,7 +237,7 @@ def open_for_training(directory: str, fingerprint: str, state_like, make_iter, l
             problem = None
         except CorruptCheckpointError as e:
             problem = e.problem
-        if _everyone(problem is None):
+        if distributed.all_agree(problem is None):
             return ckpt, step, state, meta, data_iter
         ckpt.close()
         set_aside_corrupt_step(directory, step, problem or "unreadable on another process",
