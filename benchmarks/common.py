@@ -9,6 +9,7 @@ absolute times on a shared 2-core CPU mean little, ratios measured side by side 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -85,8 +86,8 @@ def machine() -> dict:
     versions = {}
     for mod in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "torchvision", "dattri"):
         try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:  # not installed in this environment
+            versions[mod] = importlib.metadata.version(mod)
+        except importlib.metadata.PackageNotFoundError:  # not installed here
             versions[mod] = None
     info["versions"] = versions
     return info

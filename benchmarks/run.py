@@ -21,7 +21,7 @@ import time
 
 from benchmarks import common
 
-SUITES = ("kd_step", "grand")
+SUITES = ("kd_step", "grand", "influence", "ifbeta_cost")
 
 
 def main(argv=None) -> int:
@@ -69,9 +69,22 @@ def main(argv=None) -> int:
     if "grand" in only:
         from benchmarks import grand
 
-        rows += grand.run(n=64 if args.quick else 2048, chunk_size=32 if args.quick else 128,
+        rows += grand.run(n=64 if args.quick else 2048, chunk_size=32 if args.quick else 256,
                           reps=reps, model_name="cifar_resnet8" if args.quick else
                           "cifar_resnet20")
+        save()
+    if "influence" in only:
+        from benchmarks import influence
+
+        rows += influence.run(n_train=500 if args.quick else 5000,
+                              n_val=100 if args.quick else 1000,
+                              cg_iters=10 if args.quick else 100, reps=reps)
+        save()
+    if "ifbeta_cost" in only:
+        from benchmarks import ifbeta_cost
+
+        rows += ifbeta_cost.run(max_per_class=20 if args.quick else 1000,
+                                teacher_epochs=1 if args.quick else 2)
         save()
     print(f"matmul peak ({peak['n']}^2 f32): XLA {peak['xla_gflops']:.1f} GFLOP/s"
           + (f", PyTorch {peak['torch_gflops']:.1f}" if "torch_gflops" in peak else ""))

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 from kdprune_jax import scoring, sharding
 from kdprune_jax.autodiff import SOLVERS
@@ -18,6 +19,21 @@ from kdprune_jax.errors import ConfigError
 from kdprune_jax.models import MODEL_NAMES
 from kdprune_jax.selection import DIRECTIONS, RULES
 from kdprune_jax.train.state import SCHEDULES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(config):
+    """config.compute_dtype as the dtype the train steps compute in (None = float32)."""
+    name = config.get("compute_dtype", "float32")
+    return None if name == "float32" else jnp.dtype(name)
+
+
+def compute_dtype_fingerprint(config) -> dict:
+    """{"compute_dtype": name} for fingerprints of trained models, {} for float32: float32
+    runs keep the fingerprints (and so the artifacts) they had before the field existed."""
+    name = config.get("compute_dtype", "float32")
+    return {} if name == "float32" else {"compute_dtype": name}
 
 
 def _positive(field, v, integer=False):
@@ -126,7 +142,10 @@ def _check_scoring(config, n_dev) -> None:
     if config.score.batch_size % n_dev:
         raise ConfigError("score.batch_size", config.score.batch_size,
                           sharding.batch_multiple_phrase())
-    _positive("score.grand_chunk_size", config.score.grand_chunk_size, integer=True)
+    gc = config.score.grand_chunk_size
+    if not isinstance(gc, int) or isinstance(gc, bool) or gc < 0:
+        raise ConfigError("score.grand_chunk_size", gc,
+                          "an integer >= 0 (0 = the whole scoring batch in one vmap)")
 
 
 def validate(config) -> None:
@@ -155,6 +174,8 @@ def validate(config) -> None:
         raise ConfigError("data.std", d.std, "positive numbers, one per entry of data.mean")
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "an integer >= 0")
+    if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        raise ConfigError("compute_dtype", config.compute_dtype, ", ".join(COMPUTE_DTYPES))
 
     for role in ("teacher", "student"):
         m = config[role]

@@ -134,6 +134,7 @@ def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fin
         temperature=config.kd.temperature, global_batch_size=o.batch_size,
         log_every_steps=config.log_every_steps,
         checkpoint_every_steps=config.checkpoint_every_steps, log=_log,
+        compute_dtype=config_checks.compute_dtype(config),
     )
 
 
@@ -267,7 +268,8 @@ def _role_fingerprint(config, role: str, **upstream) -> str:
         "role": role, "model": rc.model, "width": rc.width, "optim": rc.optim.to_dict(),
         "seed": config.seed, "augment": config.data.augment, "image_size": config.data.image_size,
         "mean": list(config.data.mean), "std": list(config.data.std),
-        "equal_steps": rc.get("equal_steps", False), **upstream,
+        "equal_steps": rc.get("equal_steps", False),
+        **config_checks.compute_dtype_fingerprint(config), **upstream,
     })
 
 

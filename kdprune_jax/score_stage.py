@@ -21,7 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import artifacts, data, faults, losses, models, scoring, sharding
+from kdprune_jax import (
+    artifacts,
+    autodiff,
+    config_checks,
+    data,
+    faults,
+    losses,
+    models,
+    scoring,
+    sharding,
+)
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.scoring import head as head_lib
 from kdprune_jax.train import train_model
@@ -161,7 +171,8 @@ def train_proxies(config, ds, mesh, workdir, writer, log, track_forgetting=False
                                     "optim": o.to_dict(), "seed": seed, "data": ds.fingerprint,
                                     "forgetting": track_forgetting,
                                     "transform": [d.augment, d.image_size, list(d.mean),
-                                                  list(d.std)]})
+                                                  list(d.std)],
+                                    **config_checks.compute_dtype_fingerprint(config)})
         num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
         if num_steps < 1:
             raise ConfigError("proxy.num_epochs", p.num_epochs,
@@ -182,7 +193,8 @@ def train_proxies(config, ds, mesh, workdir, writer, log, track_forgetting=False
             ckpt_dir=os.path.join(workdir, "proxies", str(k)), fingerprint=fp, writer=writer,
             global_batch_size=o.batch_size, log_every_steps=config.log_every_steps,
             checkpoint_every_steps=config.checkpoint_every_steps, log=log,
-            track_forgetting_examples=len(ds.train) if track_forgetting else 0)
+            track_forgetting_examples=len(ds.train) if track_forgetting else 0,
+            compute_dtype=config_checks.compute_dtype(config))
         seconds += res.seconds
         out.append((Model(res.graphdef, res.params, res.batch_stats, fp), res.extra))
     return out, seconds
@@ -418,9 +430,12 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
                        scoring.grand_last_layer_from_features(ft, lg, labels))
         scores = np.mean(np.stack([np.asarray(p) for p in per]), axis=0)
     elif method == "grand":
-        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size),
-                          (m.params, m.batch_stats), ds, config, all_idx, mesh)
-               for m, _ in proxies]
+        # The conv kernel gradient as an im2col GEMM: ~16x faster per-example gradients
+        # on XLA:CPU than vmap's batch-grouped convolution (benchmarks/grand.py).
+        per = [batch_pass(_grand_fn(models.with_conv(
+            m.graphdef, m.params, m.batch_stats, autodiff.conv_general_dilated_per_example),
+            config.score.grand_chunk_size), (m.params, m.batch_stats), ds, config, all_idx,
+            mesh) for m, _ in proxies]
         scores = np.mean(np.stack(per), axis=0)
     elif method in INFLUENCE_METHODS:
         proxy = proxies[0][0] if proxies else None

@@ -36,6 +36,8 @@ BAD = [
      r"config\.student\.optim\.learning_rate=-0\.1", "a positive number"),
     ("zero_temperature", dict(kd__temperature=0.0), ConfigError, r"config\.kd\.temperature=0\.0",
      "a positive number"),
+    ("compute_dtype_float16", dict(compute_dtype="float16"), ConfigError,
+     r"config\.compute_dtype='float16'", "float32, bfloat16"),
     ("alpha_above_1", dict(kd__alpha=1.5), ConfigError, r"config\.kd\.alpha=1\.5", r"\[0, 1\]"),
     ("alpha_below_0", dict(kd__alpha=-0.1), ConfigError, r"config\.kd\.alpha=-0\.1",
      r"\[0, 1\]"),

@@ -216,3 +216,28 @@ def test_moderate_is_distance_to_class_median():
                                         ("forgetting", "highest"), ("entropy", "highest")])
 def test_keep_directions_follow_method_md(method, end):
     assert scoring.KEEP[method] == end
+
+
+def test_grand_on_resnet_with_im2col_convs_equals_plain_model():
+    from flax import nnx
+
+    from kdprune_jax import autodiff, losses, models
+
+    model = models.create_model("cifar_resnet8", num_classes=10, seed=0, width=0.5)
+    g, p, bs = nnx.split(model, nnx.Param, nnx.BatchStat)
+    fast = models.with_conv(g, p, bs, autodiff.conv_general_dilated_per_example)
+    rng = np.random.default_rng(0)
+    batch = {"image": jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32),
+             "label": jnp.asarray(rng.integers(0, 10, 6))}
+
+    def loss_on(graphdef):
+        def loss(params, ex):
+            logits = nnx.merge(graphdef, params, bs)(ex["image"][None], train=False)
+            return losses.cross_entropy(logits, ex["label"][None])[0]
+        return loss
+
+    want = scoring.grand_scores(loss_on(g), p, batch)
+    got = scoring.grand_scores(loss_on(fast), p, batch)
+    got_chunked = scoring.grand_scores(loss_on(fast), p, batch, chunk_size=2)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(got_chunked, got, rtol=1e-5)

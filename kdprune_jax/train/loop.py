@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import faults, sharding
+from kdprune_jax import faults, models, sharding
 from kdprune_jax.errors import UserError
 from kdprune_jax.scoring.forgetting import init_tracker
 from kdprune_jax.train.checkpoint import open_for_training
@@ -59,6 +59,7 @@ def train_model(
     log=print,
     track_forgetting_examples: int = 0,
     on_log=None,
+    compute_dtype=None,
 ) -> TrainResult:
     """Train `model` for `num_steps` steps, resuming from `ckpt_dir` if possible.
 
@@ -72,6 +73,10 @@ def train_model(
       on_log: optional ``(step, metrics) -> None`` called on every logging step with the
         host-side averaged metrics (e.g. to watch memory in a soak test). It runs inside
         the loop's transfer guard, so it must not move data between host and device.
+      compute_dtype: None (float32) or e.g. jnp.bfloat16: the train step's student and
+        teacher compute in it (`models.with_compute_dtype`); params, batch statistics,
+        loss and optimizer state stay float32. The returned graphdef is the float32 one,
+        so scoring, HVPs and evaluation downstream run in float32.
     Returns:
       TrainResult with the final (replicated) params and batch stats.
     """
@@ -101,10 +106,11 @@ def train_model(
 
     teacher_graphdef, teacher_vars = None, None
     if teacher is not None:
-        teacher_graphdef = teacher[0]
+        teacher_graphdef = models.with_compute_dtype(*teacher, compute_dtype)
         teacher_vars = sharding.replicate((teacher[1], teacher[2]), mesh)
     step_fn = make_kd_train_step(
-        graphdef, tx, mesh, teacher_graphdef=teacher_graphdef, alpha=alpha,
+        models.with_compute_dtype(graphdef, params, batch_stats, compute_dtype), tx, mesh,
+        teacher_graphdef=teacher_graphdef, alpha=alpha,
         temperature=temperature, learning_rate_fn=schedule,
         track_forgetting=bool(track_forgetting_examples),
     )
