@@ -38,11 +38,14 @@ def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32"):
     from kdprune_jax.train.steps import make_kd_train_step
 
     mesh = sharding.make_mesh(1)
-    cdt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    student = models.create_model(student_name, num_classes=10, seed=0, dtype=cdt)
-    teacher = models.create_model(teacher_name, num_classes=10, seed=1, dtype=cdt)
+    # config.compute_dtype=bfloat16 the way train_model applies it: bf16 compute, f32 state.
+    cdt = jnp.bfloat16 if dtype == "bfloat16" else None
+    student = models.create_model(student_name, num_classes=10, seed=0)
+    teacher = models.create_model(teacher_name, num_classes=10, seed=1)
     t_graphdef, t_params, t_bs = nnx.split(teacher, nnx.Param, nnx.BatchStat)
     graphdef, params, bs = nnx.split(student, nnx.Param, nnx.BatchStat)
+    t_graphdef = models.with_compute_dtype(t_graphdef, t_params, t_bs, cdt)
+    graphdef = models.with_compute_dtype(graphdef, params, bs, cdt)
     opt = ml_collections.ConfigDict(dict(learning_rate=LR, schedule="constant", momentum=MOMENTUM,
                                          nesterov=True, weight_decay=WD, warmup_epochs=0.0))
     tx, schedule = make_optimizer(opt, 100.0, 10_000)
@@ -158,10 +161,43 @@ def _pair(teacher_name, student_name, reps, steps_per_rep, batch_size, torch_com
     return rows
 
 
+def _bf16_row(teacher_name, student_name, reps, steps_per_rep, batch_size):
+    """config.compute_dtype=bfloat16 against our own float32 step (accelerator readiness:
+    on a CPU without bf16 matrix units this measures the cost of the casts, not a gain)."""
+    import jax
+
+    ips, compile_s = {}, {}
+    for dtype in ("bfloat16", "float32"):
+        step, state, teacher_vars, batch = jax_kd_step(teacher_name, student_name, batch_size,
+                                                       dtype=dtype)
+        t0 = time.perf_counter()
+        state, m = step(state, teacher_vars, batch)
+        jax.block_until_ready(m)
+        compile_s[dtype] = time.perf_counter() - t0
+        holder = {"state": state}
+
+        def ours(step=step, holder=holder, teacher_vars=teacher_vars, batch=batch):
+            s = holder["state"]
+            for _ in range(steps_per_rep):
+                s, m = step(s, teacher_vars, batch)
+            holder["state"] = s
+            return m
+
+        med, _ = timed(ours, reps=reps, warmup=1, sync=jax.block_until_ready)
+        ips[dtype] = batch_size * steps_per_rep / med
+    return Row(workload=f"KD step {teacher_name}->{student_name}, batch {batch_size}, "
+                        "compute_dtype=bfloat16", unit="img/s", ours=ips["bfloat16"],
+               ours_label="JAX jit, bf16 compute, f32 params/loss", ref=ips["float32"],
+               ref_label="ours, float32", reps=reps, compile_seconds=compile_s["bfloat16"],
+               ref_compile_seconds=compile_s["float32"])
+
+
 def run(reps: int = 5, steps_per_rep: int = 5, batch_size: int = 128, pairs=PAIRS,
-        torch_compile: bool = True) -> list[Row]:
+        torch_compile: bool = True, bf16: bool = True) -> list[Row]:
     rows = []
     for teacher_name, student_name in pairs:
         rows += _pair(teacher_name, student_name, reps, steps_per_rep, batch_size,
                       torch_compile)
+    if bf16:
+        rows.append(_bf16_row(*pairs[-1], reps, steps_per_rep, batch_size))
     return rows

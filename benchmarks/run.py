@@ -21,7 +21,8 @@ import time
 
 from benchmarks import common
 
-SUITES = ("kd_step", "grand", "influence", "ifbeta_cost")
+SUITES = ("kd_step", "conv_profile", "grand", "influence", "ifbeta_cost", "cached_teacher",
+          "scaling")
 
 
 def main(argv=None) -> int:
@@ -66,6 +67,11 @@ def main(argv=None) -> int:
                             batch_size=16 if args.quick else 128, pairs=pairs,
                             torch_compile=not args.quick)
         save()
+    if "conv_profile" in only:
+        from benchmarks import conv_profile
+
+        rows += conv_profile.run(batch=16 if args.quick else 128, reps=reps)
+        save()
     if "grand" in only:
         from benchmarks import grand
 
@@ -85,6 +91,18 @@ def main(argv=None) -> int:
 
         rows += ifbeta_cost.run(max_per_class=20 if args.quick else 1000,
                                 teacher_epochs=1 if args.quick else 2)
+        save()
+    if "cached_teacher" in only:  # imports the teacher ifbeta_cost trained (run that first)
+        from benchmarks import cached_teacher
+
+        rows += cached_teacher.run(max_per_class=20 if args.quick else 1000,
+                                   student_epochs=2 if args.quick else 15)
+        save()
+    if "scaling" in only:
+        from benchmarks import scaling
+
+        rows += (scaling.run(ns=(500, 1000, 2000), dims=(16, 32), base_n=500, reps=reps)
+                 if args.quick else scaling.run(reps=reps))
         save()
     print(f"matmul peak ({peak['n']}^2 f32): XLA {peak['xla_gflops']:.1f} GFLOP/s"
           + (f", PyTorch {peak['torch_gflops']:.1f}" if "torch_gflops" in peak else ""))

@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default=",".join(CANDIDATES))
+    ap.add_argument("--name", default="", help="also write benchmarks/results/xla_flags-NAME.json")
     args = ap.parse_args(argv)
     teacher, student = args.pair.split(",")
     names = [n for n in args.only.split(",") if n]
@@ -91,7 +92,14 @@ def main(argv=None) -> int:
         row = table[n]
         print(f"{n:24s} {row.get('img_per_s', float('nan')):8.1f} img/s  "
               f"x{row.get('ratio_to_default') or float('nan'):.2f}  {row.get('error', '')}")
-    print(json.dumps({"pair": args.pair, "batch": args.batch, "table": table}))
+    out = {"pair": args.pair, "batch": args.batch, "rounds": args.rounds,
+           "command": "python -m benchmarks.xla_flags " + " ".join(argv or sys.argv[1:]),
+           "table": table}
+    print(json.dumps(out))
+    if args.name:
+        d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+        with open(os.path.join(d, f"xla_flags-{args.name}.json"), "w") as f:
+            json.dump(out, f, indent=2)
     return 0
 
 

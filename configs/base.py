@@ -60,7 +60,11 @@ def get_config():
         optim=optim(num_epochs=200, batch_size=128, learning_rate=0.1),
     ))
     # METHOD §2; CIFAR defaults tau=4, alpha=0.9. alpha=0 trains on labels only (no teacher).
-    c.kd = ml_collections.ConfigDict(dict(alpha=0.9, temperature=4.0))
+    # teacher_views = V > 0: cached-teacher mode. The teacher's logits for V fixed augmented
+    # views of each kept example are computed once (DIR/teacher_views/, float16) and the
+    # student trains on those views without running the teacher: pays off when the student
+    # trains for more than V epochs (benchmarks/cached_teacher.py). 0 = live teacher.
+    c.kd = ml_collections.ConfigDict(dict(alpha=0.9, temperature=4.0, teacher_views=0))
 
     c.prune = ml_collections.ConfigDict(dict(
         # random | el2n | teacher_el2n | grand | grand_last_layer | forgetting | entropy |

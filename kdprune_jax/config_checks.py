@@ -199,6 +199,10 @@ def validate(config) -> None:
     if not 0 <= config.kd.alpha <= 1:
         raise ConfigError("kd.alpha", config.kd.alpha, "a number in [0, 1]")
     _positive("kd.temperature", config.kd.temperature)
+    tv = config.kd.get("teacher_views", 0)
+    if not isinstance(tv, int) or isinstance(tv, bool) or tv < 0:
+        raise ConfigError("kd.teacher_views", tv,
+                          "an integer >= 0 (0 = live teacher; V > 0 = V cached views)")
 
     p = config.prune
     methods = scoring.METHODS + ("ifbeta",)

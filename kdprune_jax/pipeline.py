@@ -36,6 +36,7 @@ from kdprune_jax import (
     scoring,
     selection,
     sharding,
+    teacher_cache,
 )
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train import TrainResult, evaluate, train_model
@@ -102,8 +103,11 @@ def _model(role_cfg, num_classes: int, seed: int):
 
 
 def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fingerprint,
-                teacher=None, num_steps=None) -> TrainResult:
-    """Train the teacher or the student on `indices` (resumable, see train_model)."""
+                teacher=None, num_steps=None, teacher_views=None) -> TrainResult:
+    """Train the teacher or the student on `indices` (resumable, see train_model).
+
+    With `teacher_views` (cached-teacher mode) the teacher's logits come from the cache
+    through the input pipeline and the teacher itself is not run."""
     rc = config[role]
     o = rc.optim
     sharding.local_batch_size(o.batch_size, f"{role}.optim.batch_size")  # raises if uneven
@@ -124,13 +128,16 @@ def _train_role(role: str, config, ds: Data, indices, mesh, workdir, writer, fin
             num_steps=num_steps, seed=seed, transform=train_fn,
             process_index=jax.process_index(), process_count=jax.process_count(),
             num_workers=config.data.num_workers, prefetch=config.data.prefetch,
+            teacher_views=teacher_views,
         )
 
+    cached = teacher_views is not None
     return train_model(
         name=role, model=_model(rc, ds.train.num_classes, seed), dataset_fn=dataset_fn,
         num_steps=num_steps, steps_per_epoch=steps_per_epoch, opt_cfg=o, mesh=mesh,
         ckpt_dir=os.path.join(workdir, role), fingerprint=fingerprint, writer=writer,
-        teacher=teacher, alpha=config.kd.alpha if teacher is not None else 0.0,
+        teacher=None if cached else teacher, cached_teacher=cached,
+        alpha=config.kd.alpha if (teacher is not None or cached) else 0.0,
         temperature=config.kd.temperature, global_batch_size=o.batch_size,
         log_every_steps=config.log_every_steps,
         checkpoint_every_steps=config.checkpoint_every_steps, log=_log,
@@ -260,6 +267,15 @@ def _fill_like(target, raw, where: str, model_name: str):
         raise ArtifactError(f"{where} has {len(saved)} arrays, teacher.model={model_name!r} "
                             f"has {len(flat)}; set teacher.model/width to the checkpoint's model")
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _kd_fingerprint(config) -> dict:
+    """config.kd as the student depends on it; `teacher_views` only when the mode is on,
+    so live-teacher runs keep the fingerprints they had before the field existed."""
+    kd = config.kd.to_dict()
+    if not kd.get("teacher_views"):
+        kd.pop("teacher_views", None)
+    return kd
 
 
 def _role_fingerprint(config, role: str, **upstream) -> str:
@@ -436,14 +452,19 @@ def run(config, workdir: str) -> dict:
     t = time.perf_counter()
     student_fp = _role_fingerprint(
         config, "student", data=ds.fingerprint, subset=subset.fingerprint,
-        teacher=teacher_fp, kd=config.kd.to_dict() if teacher is not None else None,
+        teacher=teacher_fp, kd=_kd_fingerprint(config) if teacher is not None else None,
     )
     o = config.student.optim
     num_steps = None
     if config.student.equal_steps:
         num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
+    views = None
+    if teacher is not None and config.kd.teacher_views > 0:
+        views = teacher_cache.teacher_views(config, ds, mesh, workdir, teacher_model,
+                                            subset.indices, _log)
+        timings["teacher_views_seconds"] = time.perf_counter() - t
     res = _train_role("student", config, ds, subset.indices, mesh, workdir, writer,
-                      student_fp, teacher=teacher, num_steps=num_steps)
+                      student_fp, teacher=teacher, num_steps=num_steps, teacher_views=views)
     timings["student_seconds"] = time.perf_counter() - t
 
     # ---- eval

@@ -83,7 +83,7 @@ def _eval_batches(ds, config, indices):
     return dataset
 
 
-def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores"):
+def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores", batches=None):
     """Run ``fn(*args, batch) -> [B] or [B, K]`` over `indices` of the train split.
 
     `fn` is jitted once with replicated args and a "data"-sharded batch. Rows of padding
@@ -92,6 +92,8 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores"):
     batches: e.g. a memory-mapped file); without a sink they are returned as a float32
     array [len(train), ...] with each example's row at its source index (NaN elsewhere).
     `name` labels the pass's kill points (``<name>:batch<k>``, see faults.py).
+    `batches` replaces the eval batches over `indices` (e.g. `data.views_dataset`); its
+    "index" is then whatever row key that dataset defines, and a sink is required.
     """
     repl, bsh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
@@ -122,7 +124,9 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores"):
         pending.clear()
 
     kill_armed = faults.armed(f"{name}:batch")
-    for k, batch in enumerate(_eval_batches(ds, config, indices), 1):
+    if batches is None:
+        batches = _eval_batches(ds, config, indices)
+    for k, batch in enumerate(batches, 1):
         g = sharding.to_global(batch, mesh)
         pending.append(jfn(*args, g))
         if kill_armed:  # kill point <name>:batch<k>: mid-pass, results so far lost

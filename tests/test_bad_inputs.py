@@ -38,6 +38,8 @@ BAD = [
      "a positive number"),
     ("compute_dtype_float16", dict(compute_dtype="float16"), ConfigError,
      r"config\.compute_dtype='float16'", "float32, bfloat16"),
+    ("teacher_views_negative", dict(kd__teacher_views=-1), ConfigError,
+     r"config\.kd\.teacher_views=-1", "an integer >= 0"),
     ("alpha_above_1", dict(kd__alpha=1.5), ConfigError, r"config\.kd\.alpha=1\.5", r"\[0, 1\]"),
     ("alpha_below_0", dict(kd__alpha=-0.1), ConfigError, r"config\.kd\.alpha=-0\.1",
      r"\[0, 1\]"),

@@ -1,12 +1,20 @@
 """Data: random-access sources, index-level splits, per-example transforms, grain loaders."""
 
-from kdprune_jax.data.loaders import eval_dataset, num_train_steps, train_dataset
+from kdprune_jax.data.loaders import (
+    TeacherViews,
+    eval_dataset,
+    num_train_steps,
+    train_dataset,
+    view_rng,
+    views_dataset,
+)
 from kdprune_jax.data.sources import SOURCE_KINDS, Split, array_split, load_split
 from kdprune_jax.data.splits import stratified_split, symmetric_label_noise
 from kdprune_jax.data.transforms import AUGMENTATIONS, make_transforms
 
 __all__ = [
-    "AUGMENTATIONS", "SOURCE_KINDS", "Split", "array_split", "eval_dataset", "load_split",
+    "AUGMENTATIONS", "SOURCE_KINDS", "Split", "TeacherViews", "array_split", "eval_dataset",
+    "load_split",
     "make_transforms", "num_train_steps", "stratified_split", "symmetric_label_noise",
-    "train_dataset",
+    "train_dataset", "view_rng", "views_dataset",
 ]

@@ -60,6 +60,7 @@ def train_model(
     track_forgetting_examples: int = 0,
     on_log=None,
     compute_dtype=None,
+    cached_teacher: bool = False,
 ) -> TrainResult:
     """Train `model` for `num_steps` steps, resuming from `ckpt_dir` if possible.
 
@@ -73,6 +74,8 @@ def train_model(
       on_log: optional ``(step, metrics) -> None`` called on every logging step with the
         host-side averaged metrics (e.g. to watch memory in a soak test). It runs inside
         the loop's transfer guard, so it must not move data between host and device.
+      cached_teacher: the teacher's logits come with each batch (dataset_fn built with
+        `teacher_views`); `teacher` must be None, `alpha` still weighs the KD term.
       compute_dtype: None (float32) or e.g. jnp.bfloat16: the train step's student and
         teacher compute in it (`models.with_compute_dtype`); params, batch statistics,
         loss and optimizer state stay float32. The returned graphdef is the float32 one,
@@ -112,7 +115,7 @@ def train_model(
         models.with_compute_dtype(graphdef, params, batch_stats, compute_dtype), tx, mesh,
         teacher_graphdef=teacher_graphdef, alpha=alpha,
         temperature=temperature, learning_rate_fn=schedule,
-        track_forgetting=bool(track_forgetting_examples),
+        track_forgetting=bool(track_forgetting_examples), cached_teacher=cached_teacher,
     )
     # Fault injection (faults.py): KDPRUNE_KILL_AT=<name>:<step> SIGKILLs the process right
     # after that step; checked per step only when a kill point of this loop is set.

@@ -27,6 +27,7 @@ def make_kd_train_step(
     temperature: float = 1.0,
     learning_rate_fn=None,
     track_forgetting: bool = False,
+    cached_teacher: bool = False,
 ):
     """Build ``step(state, teacher_vars, batch) -> (state, metrics)``.
 
@@ -45,17 +46,25 @@ def make_kd_train_step(
       (batch means; kd_agreement = fraction of the batch where student and teacher argmax
       agree; learning_rate = the schedule at this step, if `learning_rate_fn` is given).
 
+    With ``cached_teacher=True`` there is no teacher forward: the teacher's logits come with
+    the batch (``batch["teacher_logits"]``: float32 [B, C], cached for the same augmented
+    view, see `data.TeacherViews`) and `teacher_vars` is ignored (pass None).
+
     With ``track_forgetting=True`` the state's `extra` must be a
     `scoring.ForgettingTracker`; the step records each example's correctness (by its
     ``batch["index"]``) on device, with no host work.
     """
-    if teacher_graphdef is None and alpha != 0:
-        raise ValueError("alpha > 0 needs a teacher")
+    if teacher_graphdef is None and alpha != 0 and not cached_teacher:
+        raise ValueError("alpha > 0 needs a teacher (a graphdef or cached logits)")
+    if cached_teacher and teacher_graphdef is not None:
+        raise ValueError("a cached teacher replaces the live one: pass teacher_graphdef=None")
 
     def step(state: TrainState, teacher_vars, batch):
         x, y = batch["image"], batch["label"]
         t_logits = None
-        if teacher_graphdef is not None:
+        if cached_teacher:
+            t_logits = batch["teacher_logits"]
+        elif teacher_graphdef is not None:
             teacher = nnx.merge(teacher_graphdef, *teacher_vars)
             t_logits = teacher(x, train=False)
 
