@@ -1,10 +1,11 @@
 """GraNd (full-parameter per-example gradient norms) on a CIFAR ResNet-20 for 2,048
-examples: ours (`kdprune_jax.scoring.grand_scores`: vmap of grad, one jit, on the model
-with `autodiff.conv_general_dilated_per_example` convolutions, as the score stage runs it;
-the plain-convolution variant is reported too) vs `torch.func` (vmap of grad over
-`functional_call`), inference-mode BatchNorm on both sides so examples do not couple.
-Both sides loop on the host over batches of `chunk_size` examples (as the score stage's
-`batch_pass` does) with one vmap per batch. The two score vectors are also compared (same
+examples: ours (`kdprune_jax.scoring.grand_scores`: vmap of grad, one jit per batch) vs
+`torch.func` (vmap of grad over `functional_call`), inference-mode BatchNorm on both sides
+so examples do not couple. Both sides loop on the host over batches of `batch_size`
+examples (as the score stage's `batch_pass` does). Ours is reported with the batch in one
+vmap (the pipeline's default, score.grand_chunk_size=0) and in unrolled chunks of
+`chunk_size` (grand_scores' default); the lax.map formulation this replaced is measured on
+one batch for the record. The two score vectors are also compared (same
 weights, converted with `torch_import`), so the figure is for the same computation."""
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import numpy as np
 from benchmarks.common import Row, timed, xla_flops
 
 
-def run(n: int = 2048, chunk_size: int = 256, reps: int = 5, model_name="cifar_resnet20",
-        plain_too: bool = True):
+def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 5,
+        model_name="cifar_resnet20", lax_map_too: bool = True):
     import jax
     import jax.numpy as jnp
     import torch
     from flax import nnx
     from torch.func import functional_call, grad, vmap
 
-    from kdprune_jax import autodiff, losses, models, scoring
+    from kdprune_jax import losses, models, scoring
     from kdprune_jax.models.torch_cifar import torch_cifar_resnet
 
     depth = int(model_name.removeprefix("cifar_resnet"))
@@ -37,18 +38,21 @@ def run(n: int = 2048, chunk_size: int = 256, reps: int = 5, model_name="cifar_r
     x = rng.standard_normal((n, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, n).astype(np.int32)
 
-    patched = models.with_conv(graphdef, params, batch_stats,
-                               autodiff.conv_general_dilated_per_example)
     batch = {"image": jnp.asarray(x), "label": jnp.asarray(y)}
 
-    def measure(gd, batch):
-        def per_example_loss(p, ex):
-            logits = nnx.merge(gd, p, batch_stats)(ex["image"][None], train=False)
-            return losses.cross_entropy(logits, ex["label"][None])[0]
+    def per_example_loss(p, ex):
+        logits = nnx.merge(graphdef, p, batch_stats)(ex["image"][None], train=False)
+        return losses.cross_entropy(logits, ex["label"][None])[0]
 
-        fn = jax.jit(lambda p, b: scoring.grand_scores(per_example_loss, p, b))
+    def lax_map_scores(p, b):  # the formulation grand_scores used before (for the record)
+        one = lambda ex: jnp.sqrt(sum(  # noqa: E731
+            jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(per_example_loss)(p, ex))))
+        return jax.lax.map(one, b, batch_size=chunk_size)
+
+    def measure(scores_fn, batch):
+        fn = jax.jit(scores_fn)
         m = jax.tree.leaves(batch)[0].shape[0]
-        step = min(chunk_size, m)
+        step = min(batch_size, m)
         chunks = [jax.tree.map(lambda a, s=s: a[s:s + step], batch) for s in range(0, m, step)]
 
         def all_scores():
@@ -61,10 +65,16 @@ def run(n: int = 2048, chunk_size: int = 256, reps: int = 5, model_name="cifar_r
         flops = xla_flops(fn, params, chunks[0])
         return scores, compile_s, flops * len(chunks) if flops else None, med, times
 
-    variants = {"im2col kernel grad": (n, measure(patched, batch))}
-    if plain_too:  # ~10 ex/s: measured on the first 256 examples to keep the suite short
-        m = min(n, 256)
-        variants["plain conv"] = (m, measure(graphdef, jax.tree.map(lambda a: a[:m], batch)))
+    variants = {
+        "batch in one vmap": (n, measure(lambda p, b: scoring.grand_scores(
+            per_example_loss, p, b, chunk_size=None), batch)),
+        f"unrolled chunks of {chunk_size}": (n, measure(lambda p, b: scoring.grand_scores(
+            per_example_loss, p, b, chunk_size=chunk_size), batch)),
+    }
+    if lax_map_too:  # ~10 ex/s: measured on the first batch to keep the suite short
+        m = min(n, batch_size)
+        variants[f"lax.map chunks of {chunk_size} (before)"] = (
+            m, measure(lax_map_scores, jax.tree.map(lambda a: a[:m], batch)))
 
     tparams = {k: v.detach() for k, v in net.named_parameters()}
     buffers = {k: v.detach() for k, v in net.named_buffers()}
@@ -79,8 +89,8 @@ def run(n: int = 2048, chunk_size: int = 256, reps: int = 5, model_name="cifar_r
 
     def torch_scores():
         out = []
-        for s in range(0, n, chunk_size):  # same chunking as ours: bounded memory
-            g = per_ex_grad(tparams, xt[s:s + chunk_size], yt[s:s + chunk_size])
+        for s in range(0, n, batch_size):  # the same host batches as ours
+            g = per_ex_grad(tparams, xt[s:s + batch_size], yt[s:s + batch_size])
             out.append(torch.sqrt(sum((v.reshape(v.shape[0], -1) ** 2).sum(1)
                                       for v in g.values())))
         return torch.cat(out)
@@ -93,7 +103,7 @@ def run(n: int = 2048, chunk_size: int = 256, reps: int = 5, model_name="cifar_r
         rel = float(np.max(np.abs(scores - ref) / np.maximum(np.abs(ref), 1e-6)))
         rows.append(Row(
             workload=f"GraNd {model_name}, {n} examples, all params", unit="ex/s",
-            ours=m / med, ours_label=(f"vmap(grad), {label}, batches of {min(chunk_size, m)}"
+            ours=m / med, ours_label=(f"vmap(grad), {label}, batches of {min(batch_size, m)}"
                                       + (f", first {m} examples" if m < n else "")),
             ref=n / med_t, ref_label="torch.func vmap(grad)", reps=reps,
             ours_spread=(m / max(times), m / min(times)),

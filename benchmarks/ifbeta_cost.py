@@ -30,7 +30,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(max_per_class: int = 1000, teacher_epochs: int = 2,
-        workdir: str = "/tmp/kdprune_bench_ifbeta", reps: int = 1):
+        workdir: str = "/tmp/kdprune_bench_ifbeta", reps: int = 1, teacher_init: str = ""):
+    """`teacher_init`: import this teacher/ directory (e.g. the one a smaller run of this
+    benchmark trained) instead of training one: the full 50,000-image pool then costs only
+    the timed stages."""
     rows = []
     costs = []
     for _ in range(reps):
@@ -47,6 +50,8 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
                f"--config.teacher.optim.num_epochs={teacher_epochs}",
                "--config.student.optim.num_epochs=1", "--config.student.equal_steps=True",
                "--config.log_every_steps=100", "--config.checkpoint_every_steps=100000"]
+        if teacher_init:
+            cmd.append(f"--config.teacher.init={teacher_init}")
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")

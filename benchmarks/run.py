@@ -32,6 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="fewer repetitions and smaller sizes (a smoke run, not for figures)")
     ap.add_argument("--name", default="latest", help="results file stem")
+    ap.add_argument("--ifbeta_max_per_class", type=int, default=1000,
+                    help="ifbeta_cost: images per class (0 = all of CIFAR-10)")
+    ap.add_argument("--ifbeta_teacher_init", default="",
+                    help="ifbeta_cost: import this teacher/ dir instead of training one")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     bad = [s for s in only if s not in SUITES]
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
     if "grand" in only:
         from benchmarks import grand
 
-        rows += grand.run(n=64 if args.quick else 2048, chunk_size=32 if args.quick else 256,
+        rows += grand.run(n=64 if args.quick else 2048, batch_size=32 if args.quick else 256,
+                          chunk_size=16 if args.quick else 64,
                           reps=reps, model_name="cifar_resnet8" if args.quick else
                           "cifar_resnet20")
         save()
@@ -89,8 +94,11 @@ def main(argv=None) -> int:
     if "ifbeta_cost" in only:
         from benchmarks import ifbeta_cost
 
-        rows += ifbeta_cost.run(max_per_class=20 if args.quick else 1000,
-                                teacher_epochs=1 if args.quick else 2)
+        rows += ifbeta_cost.run(max_per_class=20 if args.quick else args.ifbeta_max_per_class,
+                                teacher_epochs=1 if args.quick else 2,
+                                teacher_init=args.ifbeta_teacher_init,
+                                workdir="/tmp/kdprune_bench_ifbeta" + (
+                                    "_imported" if args.ifbeta_teacher_init else ""))
         save()
     if "cached_teacher" in only:  # imports the teacher ifbeta_cost trained (run that first)
         from benchmarks import cached_teacher

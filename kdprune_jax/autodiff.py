@@ -11,8 +11,6 @@ structure of `b`, and info = {"iterations", "residual" (relative: ||b - A x|| / 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -47,73 +45,6 @@ def per_example_grads(per_example_loss, params, batch):
       pytree like `params` with a leading axis B on every leaf.
     """
     return jax.vmap(jax.grad(per_example_loss), in_axes=(None, 0))(params, batch)
-
-
-def _conv_kernel_grad_by_patches(x, g, kernel_shape, strides, padding):
-    """Kernel cotangent of an NHWC x HWIO -> NHWC convolution as one GEMM over im2col
-    patches: dW[kh, kw, i, o] = sum_{n,h,w} x_pad[n, h*s + kh, w*s + kw, i] * g[n, h, w, o].
-
-    The patches are kh*kw strided slices of the padded input (memory moves only);
-    `lax.conv_general_dilated_patches` would compute them as a convolution with an
-    identity kernel, which costs more than the gradient itself on XLA:CPU."""
-    kh, kw, cin, cout = kernel_shape
-    _, ho, wo, _ = g.shape
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    sh, sw = strides
-    patches = jnp.stack([
-        jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (ho - 1) * sh + 1,
-                                         j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
-        for i in range(kh) for j in range(kw)], axis=3)  # [N, Ho, Wo, kh*kw, Cin]
-    n = x.shape[0]
-    dw = jnp.einsum("nsk,nso->ko", patches.reshape(n, ho * wo, kh * kw * cin),
-                    g.reshape(n, ho * wo, cout).astype(x.dtype))
-    return dw.reshape(kh, kw, cin, cout)
-
-
-def conv_general_dilated_per_example(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                     rhs_dilation=None, dimension_numbers=None,
-                                     feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated` with a kernel gradient that stays fast under vmap.
-
-    The forward and the input gradient are the ordinary convolutions. The KERNEL gradient
-    is an im2col GEMM (`_conv_kernel_grad_by_patches`) instead of XLA's transposed
-    convolution: under ``vmap(grad)`` (per-example gradients) the latter becomes a
-    convolution grouped over the batch, which XLA:CPU runs ~an order of magnitude below its
-    GEMM speed, while the GEMM becomes a batched GEMM. Same values (up to float rounding).
-
-    Used by `grand_scores`' model variant (`models.with_conv`); applies to stride/padding
-    convolutions in NHWC/HWIO layout without dilation or groups, and falls back to the
-    plain convolution otherwise.
-    """
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    plain = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
-                              padding=padding, lhs_dilation=lhs_dilation,
-                              rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                              feature_group_count=feature_group_count, precision=precision,
-                              **kwargs)
-    nhwc = dn == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    undilated = all(d == 1 for d in (lhs_dilation or (1,))) and all(
-        d == 1 for d in (rhs_dilation or (1,)))
-    if lhs.ndim != 4 or not nhwc or not undilated or feature_group_count != 1:
-        return plain(lhs, rhs)
-
-    @jax.custom_vjp
-    def conv(x, w):
-        return plain(x, w)
-
-    def fwd(x, w):
-        return plain(x, w), (x, w)
-
-    def bwd(res, g):
-        x, w = res
-        _, x_vjp = jax.vjp(lambda x_: plain(x_, w), x)
-        return x_vjp(g)[0], _conv_kernel_grad_by_patches(x, g, w.shape, window_strides,
-                                                           padding)
-
-    conv.defvjp(fwd, bwd)
-    return conv(lhs, rhs)
 
 
 def _rel_residual(r, b):

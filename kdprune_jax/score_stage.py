@@ -23,7 +23,6 @@ from flax import nnx
 
 from kdprune_jax import (
     artifacts,
-    autodiff,
     config_checks,
     data,
     faults,
@@ -347,9 +346,11 @@ def _grand_fn(graphdef, chunk_size):
             logits = nnx.merge(graphdef, p, bs)(ex["image"][None], train=False)
             return losses.cross_entropy(logits, ex["label"][None])[0]
 
+        # shards: the batch is sharded on "data" over every device; each chunk then takes
+        # rows from every device's block (see grand_scores).
         return scoring.grand_scores(loss, params, {"image": batch["image"],
                                                    "label": batch["label"]},
-                                    chunk_size=chunk_size)
+                                    chunk_size=chunk_size, shards=jax.device_count())
 
     return fn
 
@@ -434,12 +435,9 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
                        scoring.grand_last_layer_from_features(ft, lg, labels))
         scores = np.mean(np.stack([np.asarray(p) for p in per]), axis=0)
     elif method == "grand":
-        # The conv kernel gradient as an im2col GEMM: ~16x faster per-example gradients
-        # on XLA:CPU than vmap's batch-grouped convolution (benchmarks/grand.py).
-        per = [batch_pass(_grand_fn(models.with_conv(
-            m.graphdef, m.params, m.batch_stats, autodiff.conv_general_dilated_per_example),
-            config.score.grand_chunk_size), (m.params, m.batch_stats), ds, config, all_idx,
-            mesh) for m, _ in proxies]
+        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size),
+                          (m.params, m.batch_stats), ds, config, all_idx, mesh)
+               for m, _ in proxies]
         scores = np.mean(np.stack(per), axis=0)
     elif method in INFLUENCE_METHODS:
         proxy = proxies[0][0] if proxies else None

@@ -218,26 +218,29 @@ def test_keep_directions_follow_method_md(method, end):
     assert scoring.KEEP[method] == end
 
 
-def test_grand_on_resnet_with_im2col_convs_equals_plain_model():
+
+def test_grand_on_a_resnet_chunked_equals_whole_batch_equals_loop():
     from flax import nnx
 
-    from kdprune_jax import autodiff, losses, models
+    from kdprune_jax import losses, models
 
     model = models.create_model("cifar_resnet8", num_classes=10, seed=0, width=0.5)
     g, p, bs = nnx.split(model, nnx.Param, nnx.BatchStat)
-    fast = models.with_conv(g, p, bs, autodiff.conv_general_dilated_per_example)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.normal(size=(6, 16, 16, 3)), jnp.float32),
              "label": jnp.asarray(rng.integers(0, 10, 6))}
 
-    def loss_on(graphdef):
-        def loss(params, ex):
-            logits = nnx.merge(graphdef, params, bs)(ex["image"][None], train=False)
-            return losses.cross_entropy(logits, ex["label"][None])[0]
-        return loss
+    def loss(params, ex):
+        logits = nnx.merge(g, params, bs)(ex["image"][None], train=False)
+        return losses.cross_entropy(logits, ex["label"][None])[0]
 
-    want = scoring.grand_scores(loss_on(g), p, batch)
-    got = scoring.grand_scores(loss_on(fast), p, batch)
-    got_chunked = scoring.grand_scores(loss_on(fast), p, batch, chunk_size=2)
-    np.testing.assert_allclose(got, want, rtol=1e-4)
-    np.testing.assert_allclose(got_chunked, got, rtol=1e-5)
+    whole = scoring.grand_scores(loss, p, batch, chunk_size=None)
+    chunked = scoring.grand_scores(loss, p, batch, chunk_size=4)  # chunks of 4 and 2
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+    # Two device blocks of 3 rows, chunks of 2 rows per block: rows come back in order.
+    sharded = scoring.grand_scores(loss, p, batch, chunk_size=2, shards=2)
+    np.testing.assert_allclose(sharded, whole, rtol=1e-5)
+    for i in (0, 5):
+        gi = jax.grad(loss)(p, jax.tree.map(lambda a: a[i], batch))
+        want = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(gi))))
+        np.testing.assert_allclose(whole[i], want, rtol=1e-4)

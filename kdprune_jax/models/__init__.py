@@ -54,7 +54,7 @@ def create_model(name: str, *, num_classes: int, seed: int = 0, dtype=jnp.float3
 
 def _with_layer_attrs(graphdef, params, batch_stats, types, **attrs):
     """A new graphdef whose layers of `types` have `attrs` set. Layer attributes such as
-    `dtype` or `conv_general_dilated` are static: they live in the graphdef, so a new graphdef
+    `dtype` are static: they live in the graphdef, so a new graphdef
     (and a new jit trace) is the whole change; parameters are not touched."""
     model = nnx.merge(graphdef, params, batch_stats)
     for _, m in nnx.iter_modules(model):
@@ -80,13 +80,5 @@ def with_compute_dtype(graphdef, params, batch_stats, dtype):
                              (nnx.Conv, nnx.Linear, nnx.BatchNorm), dtype=dtype)
 
 
-def with_conv(graphdef, params, batch_stats, conv_general_dilated):
-    """The graphdef of the same model with every nnx.Conv calling `conv_general_dilated`
-    (a drop-in for `jax.lax.conv_general_dilated`), e.g.
-    `autodiff.conv_general_dilated_per_example` for fast per-example gradients."""
-    return _with_layer_attrs(graphdef, params, batch_stats, (nnx.Conv,),
-                             conv_general_dilated=conv_general_dilated)
-
-
 __all__ = ["MODEL_NAMES", "create_model", "load_torch_checkpoint", "register_model",
-           "torch_import", "torch_state_dict_to_nnx", "with_compute_dtype", "with_conv"]
+           "torch_import", "torch_state_dict_to_nnx", "with_compute_dtype"]

@@ -1,16 +1,12 @@
 """GraNd: norms of per-example loss gradients (Paul et al. 2021; METHOD.md §3).
 
-`grand_scores` uses ALL parameters: per-example gradients by vmap(grad), over the whole
-batch or in chunks of `chunk_size` examples with `lax.map` (peak memory chunk_size x
-(#params) instead of B x (#params)). `grand_last_layer_from_features` is the closed form
-for a softmax-CE linear head (W, b) on features h: grad_W = h (p - y)^T, grad_b = p - y, so
-||grad|| = ||p - y|| * sqrt(||h||^2 + 1).
-
-Speed: under vmap, a convolution's kernel gradient becomes a convolution grouped over the
-batch, which XLA:CPU runs far below its GEMM speed. For flax models, build the loss on
-``models.with_conv(graphdef, params, batch_stats, autodiff.conv_general_dilated_per_example)``
-(same values; the kernel gradient becomes an im2col GEMM): ResNet-20 went from 10 to ~160
-examples/s on 2 CPU cores (benchmarks/grand.py).
+`grand_scores` uses ALL parameters: per-example gradients by vmap(grad) over chunks of
+`chunk_size` examples, the chunks unrolled in the program (peak memory chunk_size x
+(#params) instead of B x (#params)). Not `lax.map`: in a loop body, vmap's per-example
+convolution gradients (convolutions grouped over the batch) run ~15x slower on XLA:CPU
+(ResNet-20: 10 vs 184 examples/s, benchmarks/grand.py). `grand_last_layer_from_features`
+is the closed form for a softmax-CE linear head (W, b) on features h:
+grad_W = h (p - y)^T, grad_b = p - y, so ||grad|| = ||p - y|| * sqrt(||h||^2 + 1).
 """
 
 from __future__ import annotations
@@ -25,8 +21,9 @@ def _sq_norm(tree):
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.jit, static_argnames=("per_example_loss", "chunk_size"))
-def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = None):
+@functools.partial(jax.jit, static_argnames=("per_example_loss", "chunk_size", "shards"))
+def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64,
+                 shards: int = 1):
     """||grad_theta l(theta, example)||_2 for every example in `batch`.
 
     Args:
@@ -34,11 +31,13 @@ def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = No
         of each array in `batch` (e.g. {"image": [H, W, C], "label": []}). Must not couple
         examples (use inference-mode BatchNorm).
       params: pytree of the parameters to differentiate (pass frozen parts via closure).
-      batch: pytree with leading axis B (B divisible by chunk_size, or chunk_size >= B).
-      chunk_size: None or 0 (or >= B): one vmap over the whole batch, the fastest; else
-        `lax.map` over chunks of this many examples: peak memory chunk_size x (#params)
-        instead of B x (#params), at ~half the speed on XLA:CPU (the loop body runs
-        without the batch-level parallelism).
+      batch: pytree with leading axis B.
+      chunk_size: examples per vmap per shard (the last chunk may be smaller); None or 0 =
+        the whole batch in one vmap. The chunks are unrolled, so B / (shards x chunk_size)
+        copies of the gradient program are compiled: keep that small (e.g. batches of 256).
+      shards: the batch's leading axis is `shards` contiguous blocks, one per device (a
+        batch sharded on "data": shards = device count). Each chunk takes `chunk_size`
+        rows from EVERY block, so every device works on every chunk on rows it holds.
     Returns:
       float32 [B]; large = the example pulls hard on the parameters.
     """
@@ -48,9 +47,15 @@ def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = No
         return jnp.sqrt(_sq_norm(grad_fn(params, example)))
 
     b = jax.tree.leaves(batch)[0].shape[0]
-    if not chunk_size or chunk_size >= b:
-        return jax.vmap(one)(batch)
-    return jax.lax.map(one, batch, batch_size=chunk_size)
+    if b % shards:
+        raise ValueError(f"batch of {b} rows is not {shards} equal shards")
+    per = b // shards
+    step = min(chunk_size or per, per)
+    # [B, ...] -> [shards, per, ...]: a reshape of the sharded axis that keeps rows local.
+    blocks = jax.tree.map(lambda a: a.reshape((shards, per) + a.shape[1:]), batch)
+    out = [jax.vmap(jax.vmap(one))(jax.tree.map(lambda a, s=s: a[:, s:s + step], blocks))
+           for s in range(0, per, step)]
+    return jnp.concatenate(out, axis=1).reshape(b)  # back to the batch's row order
 
 
 @jax.jit
