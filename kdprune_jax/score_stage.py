@@ -340,17 +340,29 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _grand_fn(graphdef, chunk_size):
-    def fn(params, bs, batch):
+def _grand_fn(graphdef, chunk_size, mesh):
+    def local(params, bs, image, label):
         def loss(p, ex):
             logits = nnx.merge(graphdef, p, bs)(ex["image"][None], train=False)
             return losses.cross_entropy(logits, ex["label"][None])[0]
 
-        # shards: the batch is sharded on "data" over every device; each chunk then takes
-        # rows from every device's block (see grand_scores).
-        return scoring.grand_scores(loss, params, {"image": batch["image"],
-                                                   "label": batch["label"]},
-                                    chunk_size=chunk_size, shards=jax.device_count())
+        return scoring.grand_scores(loss, params, {"image": image, "label": label},
+                                    chunk_size=chunk_size)
+
+    # shard_map: each device computes the per-example gradients of the rows it holds.
+    # Besides being the natural split, it is needed for correctness: jit's automatic
+    # partitioning of a batch-sharded vmap(grad) through convolutions gives wrong
+    # gradients on XLA:CPU (JAX 0.10.2; test_scores_on_8_devices_equal_1_device).
+    # check_vma=False: with varying-axis typing, the gradient w.r.t. the replicated params
+    # would be psum'd over devices (the transpose of their implicit broadcast), mixing
+    # different examples' gradients; each device's gradients must stay its own.
+    rows = jax.sharding.PartitionSpec("data")
+    repl = jax.sharding.PartitionSpec()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(repl, repl, rows, rows),
+                            out_specs=rows, check_vma=False)
+
+    def fn(params, bs, batch):
+        return sharded(params, bs, batch["image"], batch["label"])
 
     return fn
 
@@ -435,7 +447,7 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
                        scoring.grand_last_layer_from_features(ft, lg, labels))
         scores = np.mean(np.stack([np.asarray(p) for p in per]), axis=0)
     elif method == "grand":
-        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size),
+        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size, mesh),
                           (m.params, m.batch_stats), ds, config, all_idx, mesh)
                for m, _ in proxies]
         scores = np.mean(np.stack(per), axis=0)

@@ -21,9 +21,8 @@ def _sq_norm(tree):
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.jit, static_argnames=("per_example_loss", "chunk_size", "shards"))
-def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64,
-                 shards: int = 1):
+@functools.partial(jax.jit, static_argnames=("per_example_loss", "chunk_size"))
+def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64):
     """||grad_theta l(theta, example)||_2 for every example in `batch`.
 
     Args:
@@ -32,12 +31,14 @@ def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64
         examples (use inference-mode BatchNorm).
       params: pytree of the parameters to differentiate (pass frozen parts via closure).
       batch: pytree with leading axis B.
-      chunk_size: examples per vmap per shard (the last chunk may be smaller); None or 0 =
-        the whole batch in one vmap. The chunks are unrolled, so B / (shards x chunk_size)
-        copies of the gradient program are compiled: keep that small (e.g. batches of 256).
-      shards: the batch's leading axis is `shards` contiguous blocks, one per device (a
-        batch sharded on "data": shards = device count). Each chunk takes `chunk_size`
-        rows from EVERY block, so every device works on every chunk on rows it holds.
+      chunk_size: examples per vmap (the last chunk may be smaller); None or 0 = the
+        whole batch in one vmap. The chunks are unrolled, so B / chunk_size copies of the
+        gradient program are compiled: keep that small (e.g. batches of 256).
+
+    On a batch sharded over several devices, call it inside `jax.shard_map` (each device
+    scores its own rows; see score_stage): under jit's automatic partitioning, XLA:CPU
+    (JAX 0.10.2) computes wrong per-example convolution gradients for a batch-sharded vmap
+    (tests/test_score_stage.py compares 8 devices with 1).
     Returns:
       float32 [B]; large = the example pulls hard on the parameters.
     """
@@ -47,15 +48,9 @@ def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64
         return jnp.sqrt(_sq_norm(grad_fn(params, example)))
 
     b = jax.tree.leaves(batch)[0].shape[0]
-    if b % shards:
-        raise ValueError(f"batch of {b} rows is not {shards} equal shards")
-    per = b // shards
-    step = min(chunk_size or per, per)
-    # [B, ...] -> [shards, per, ...]: a reshape of the sharded axis that keeps rows local.
-    blocks = jax.tree.map(lambda a: a.reshape((shards, per) + a.shape[1:]), batch)
-    out = [jax.vmap(jax.vmap(one))(jax.tree.map(lambda a, s=s: a[:, s:s + step], blocks))
-           for s in range(0, per, step)]
-    return jnp.concatenate(out, axis=1).reshape(b)  # back to the batch's row order
+    step = min(chunk_size or b, b)
+    return jnp.concatenate([jax.vmap(one)(jax.tree.map(lambda a, s=s: a[s:s + step], batch))
+                            for s in range(0, b, step)])
 
 
 @jax.jit
