@@ -273,7 +273,7 @@ def _kd_fingerprint(config) -> dict:
     """config.kd as the student depends on it; `teacher_views` only when the mode is on,
     so live-teacher runs keep the fingerprints they had before the field existed."""
     kd = config.kd.to_dict()
-    if not kd.get("teacher_views"):
+    if not kd.get("teacher_views") or not kd.get("alpha"):  # off, or no KD term to feed
         kd.pop("teacher_views", None)
     return kd
 
@@ -459,10 +459,11 @@ def run(config, workdir: str) -> dict:
     if config.student.equal_steps:
         num_steps = data.num_train_steps(len(ds.pool), o.batch_size, o.num_epochs)
     views = None
-    if teacher is not None and config.kd.teacher_views > 0:
+    if teacher is not None and config.kd.alpha > 0 and config.kd.teacher_views > 0:
         views = teacher_cache.teacher_views(config, ds, mesh, workdir, teacher_model,
                                             subset.indices, _log)
         timings["teacher_views_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()  # student_seconds: the training alone
     res = _train_role("student", config, ds, subset.indices, mesh, workdir, writer,
                       student_fp, teacher=teacher, num_steps=num_steps, teacher_views=views)
     timings["student_seconds"] = time.perf_counter() - t
