@@ -105,21 +105,17 @@ def run(ns=(5000, 10000, 20000, 40000), dims=(64, 256, 1024, 2048), base_n=10000
     by_d = [measure(base_n, d, reps=reps) for d in dims]
     for what, i in (("scoring (head fit + s_test + influence)", 0),
                     ("one bilevel outer step", 1)):
-        tn = [r[i] for r in by_n]
-        td = [r[i] for r in by_d]
-        kn, kd = _exponent(ns, tn), _exponent(dims, td)
-        rows.append(Row(
-            workload=f"IF-Beta {what}: growth in N = {', '.join(f'{n // 1000}k' for n in ns)} "
-                     f"(D {base_dim})",
-            unit="exponent", higher_is_better=False, ours=kn,
-            ours_label="time ~ N^k; " + ", ".join(f"{t * 1e3:.0f} ms" for t in tn),
-            ref=None, ref_label="target k <= 1", reps=reps,
-            notes=f"50 L-BFGS + 50 CG iterations; compile {by_n[-1][2]:.1f} s at N={ns[-1]}"))
-        rows.append(Row(
-            workload=f"IF-Beta {what}: growth in D = {', '.join(map(str, dims))} "
-                     f"(N {base_n // 1000}k)",
-            unit="exponent", higher_is_better=False, ours=kd,
-            ours_label="time ~ D^k; " + ", ".join(f"{t * 1e3:.0f} ms" for t in td),
-            ref=None, ref_label="linear head: ~N*D*C work per iteration", reps=reps,
-            notes="50 L-BFGS + 50 CG iterations"))
+        for axis, xs, results, fixed, ref_label, note in (
+                ("N", ns, by_n, f"D {base_dim}", "target k <= 1",
+                 f"; compile {by_n[-1][2]:.1f} s at N={ns[-1]}"),
+                ("D", dims, by_d, f"N {base_n // 1000}k",
+                 "linear head: ~N*D*C work per iteration", "")):
+            ts = [r[i] for r in results]
+            sizes = ", ".join(f"{x // 1000}k" if axis == "N" else str(x) for x in xs)
+            rows.append(Row(
+                workload=f"IF-Beta {what}: growth in {axis} = {sizes} ({fixed})",
+                unit="exponent", higher_is_better=False, ours=_exponent(xs, ts),
+                ours_label=f"time ~ {axis}^k; " + ", ".join(f"{t * 1e3:.0f} ms" for t in ts),
+                ref=None, ref_label=ref_label, reps=reps,
+                notes="50 L-BFGS + 50 CG iterations" + note))
     return rows
