@@ -44,6 +44,11 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
+    # Our side runs with the XLA:CPU defaults `python -m kdprune_jax.main` applies (before
+    # the first JAX computation; recorded in the results' machine.xla_flags).
+    from kdprune_jax import cpu_flags
+
+    cpu_flags.apply_cpu_defaults()
     reps = 5  # the median of >= 5 repetitions, always
     rows: list[common.Row] = []
     t0 = time.perf_counter()

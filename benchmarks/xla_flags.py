@@ -18,7 +18,12 @@ import subprocess
 import sys
 
 CANDIDATES = {
-    "default": "",
+    "default": "",  # XLA's defaults (the children do not apply kdprune_jax.cpu_flags)
+    "ynn_kdprune_default": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,individual_dot",
+    "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=eltwise",
+    "ynn_with_convolution": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,"
+                            "individual_dot,individual_convolution",
+    "xnn_fusions": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
     "onednn": "--xla_cpu_use_onednn=true",
     "xnn_graph_fusion": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
     "no_thunk_runtime": "--xla_cpu_use_thunk_runtime=false",

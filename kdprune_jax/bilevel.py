@@ -95,6 +95,7 @@ class Settings:
     cg_tol: float = 1e-5
     damping: float = 0.0
     warm_start: bool = True  # start each inner solve from the previous theta*
+    cg_warm_start: bool = True  # start each CG solve from the previous step's solution
     head: str = "linear"  # linear | mlp (see scoring.head.init_head)
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
@@ -106,6 +107,7 @@ class PolicyState:
     opt_state: optax.OptState
     theta: dict  # last inner solution (warm start)
     step: jax.Array
+    cg_solution: dict  # last (H + damping I)^-1 dL_out/dtheta, like theta (CG warm start)
 
 
 def keep_probabilities(phi, prob: Problem, s: Settings):
@@ -139,26 +141,28 @@ def inner_solve(phi, theta0, prob: Problem, s: Settings):
     return theta, pi, info
 
 
-def hypergradient(phi, theta, prob: Problem, s: Settings):
-    """dL_out/dphi at theta = theta*(pi(phi)) by the implicit function theorem.
-    Returns (grad [2], cg_info)."""
+def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
+    """dL_out/dphi at theta = theta*(pi(phi)) by the implicit function theorem; `v0` (like
+    theta) starts the CG solve of v = (H + damping I)^-1 dL_out/dtheta.
+    Returns (grad [2], cg_info, v)."""
     g_out = jax.grad(outer_loss)(theta, prob.val, s)
     pi = _pi(phi, prob, s)
     v, cg_info = autodiff.solve_cg(lambda th: _inner_objective(th, pi, prob.train, s), theta,
                                    g_out, damping=s.damping, max_iters=s.cg_max_iters,
-                                   tol=s.cg_tol)
+                                   tol=s.cg_tol, x0=v0)
 
     def grad_theta_of_phi(ph):
         return jax.grad(_inner_objective)(theta, _pi(ph, prob, s), prob.train, s)
 
     _, vjp = jax.vjp(grad_theta_of_phi, phi)
     (d_phi,) = vjp(v)
-    return -d_phi, cg_info
+    return -d_phi, cg_info, v
 
 
 def init_state(phi0, theta0, tx) -> PolicyState:
     phi0 = jnp.asarray(phi0, jnp.float32)
-    return PolicyState(phi0, tx.init(phi0), theta0, jnp.zeros((), jnp.int32))
+    return PolicyState(phi0, tx.init(phi0), theta0, jnp.zeros((), jnp.int32),
+                       jax.tree.map(jnp.zeros_like, theta0))
 
 
 def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
@@ -173,7 +177,10 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
     def step(state: PolicyState, prob: Problem):
         theta0 = state.theta if s.warm_start else jax.tree.map(jnp.zeros_like, state.theta)
         theta, _, info = inner_solve(state.phi, theta0, prob, s)
-        d_phi, cg_info = hypergradient(state.phi, theta, prob, s)
+        # Warm start: phi moves little per step, so last step's v is close to this one's
+        # and CG needs a fraction of the iterations (benchmarks/ifbeta_cost.py).
+        v0 = state.cg_solution if s.cg_warm_start else None
+        d_phi, cg_info, v = hypergradient(state.phi, theta, prob, s, v0)
         updates, opt_state = tx.update(d_phi, state.opt_state, state.phi)
         phi = optax.apply_updates(state.phi, updates)
         a, b = policy.beta_params(state.phi)
@@ -184,7 +191,7 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
             "cg_residual": cg_info["residual"], "cg_iters": cg_info["iterations"],
             "grad_norm": jnp.linalg.norm(d_phi),
         }
-        return PolicyState(phi, opt_state, theta, state.step + 1), metrics
+        return PolicyState(phi, opt_state, theta, state.step + 1, v), metrics
 
     repl = sharding.replicated(mesh)
     return jax.jit(step, in_shardings=(repl, problem_shardings(mesh)),
@@ -217,7 +224,7 @@ def objective_at(phi, prob: Problem, s: Settings):
 def implicit_grad_at(phi, prob: Problem, s: Settings):
     """The implicit hypergradient at phi (fresh inner solve from the fixed initial head)."""
     theta, _, _ = inner_solve(phi, _theta0(prob, s), prob, s)
-    return hypergradient(phi, theta, prob, s)
+    return hypergradient(phi, theta, prob, s)[:2]
 
 
 def finite_difference_grad(phi, prob: Problem, s: Settings, eps: float = 1e-2):

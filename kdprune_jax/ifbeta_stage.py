@@ -267,7 +267,8 @@ def settings(config, num_classes) -> bilevel.Settings:
         num_classes=num_classes, lam=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
         inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
-        warm_start=p.warm_start, head=ib.head, mlp_hidden=ib.mlp_hidden, seed=config.seed)
+        warm_start=p.warm_start, cg_warm_start=p.cg_warm_start, head=ib.head,
+        mlp_hidden=ib.mlp_hidden, seed=config.seed)
 
 
 def _phi(a, b):
@@ -337,7 +338,7 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
             a, b = policy.beta_params(state.phi)
             obj = float(bilevel.objective_at(state.phi, prob, s))
             state = bilevel.PolicyState(optax.apply_updates(state.phi, updates), opt,
-                                        state.theta, state.step + 1)
+                                        state.theta, state.step + 1, state.cg_solution)
             m = {"a": float(a), "b": float(b), "outer": obj, "grad_norm":
                  float(jnp.linalg.norm(g))}
             m["heldout"] = obj  # REINFORCE: no separate inner solution to evaluate on V2

@@ -48,6 +48,11 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # orbax/grain log every save at INFO; a user sees the progress bar and our lines.
         logging.set_verbosity(logging.WARNING)
+    # XLA:CPU defaults (YNNPACK fusions) into $XLA_FLAGS: XLA reads them when its first
+    # backend starts, so before anything below touches JAX. No effect on GPU/TPU programs.
+    from kdprune_jax import cpu_flags
+
+    cpu_flags.apply_cpu_defaults()
     import jax
 
     from kdprune_jax import distributed, pipeline

@@ -86,6 +86,25 @@ def test_lissa_divergence_is_reported_with_the_fix():
         check_solve(info, solver="lissa", tol=1e-6)
 
 
+def test_cg_warm_start_reaches_the_same_solution_in_fewer_iterations():
+    params, unravel, b, damping, want, _ = _damped_problem()
+    solve = jax.jit(lambda x0: autodiff.solve_cg(mlp_loss, params, unravel(b), damping=damping,
+                                                 max_iters=500, tol=1e-6, x0=x0))
+    cold, cold_info = solve(None)
+    # A start near the answer, as the previous outer step's solution is.
+    near = unravel(jnp.asarray(want * (1 + 0.01 * np.random.default_rng(4).normal(
+        size=want.size)), jnp.float32))
+    warm, warm_info = solve(near)
+    np.testing.assert_allclose(ravel_pytree(warm)[0], want, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(ravel_pytree(warm)[0], ravel_pytree(cold)[0], rtol=1e-3,
+                               atol=1e-4)
+    assert float(warm_info["residual"]) < 1e-5
+    assert 0 < int(warm_info["iterations"]) < int(cold_info["iterations"])
+    # Started at the exact solution: nothing to do.
+    _, exact_info = solve(unravel(jnp.asarray(want, jnp.float32)))
+    assert int(exact_info["iterations"]) <= 1
+
+
 def test_cg_not_converging_names_max_iters():
     params, unravel, b, damping, _, _ = _damped_problem()
     _, info = autodiff.inverse_hvp(mlp_loss, params, unravel(b), solver="cg",

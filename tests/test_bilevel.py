@@ -82,9 +82,9 @@ def test_beta_1_1_draw_is_random_class_balanced_selection():
     assert np.max(np.abs(hits / draws - want)) < 0.07
 
 
-def _run_steps(mesh, n=4):
+def _run_steps(mesh, n=4, **settings):
     prob = _problem(n=237)  # padded rows, sharded 8 ways
-    s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2)
+    s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2, **settings)
     tx = optax.adam(0.05)
     theta0 = head_lib.init_head(5, 3)
     state = sharding.replicate(bilevel.init_state(jnp.zeros(2), theta0, tx), mesh)
@@ -109,6 +109,19 @@ def test_outer_step_compiles_once_and_8_devices_equal_1():
     prob8 = jax.device_put(_problem(n=237), bilevel.problem_shardings(sharding.make_mesh(8)))
     assert len(prob8.train["features"].sharding.device_set) == 8
     assert prob8.train["features"].addressable_shards[0].data.shape[0] == 240 // 8
+
+
+def test_cg_warm_start_changes_iterations_not_the_policy():
+    mesh = sharding.make_mesh(1)
+    sw, hw, _ = _run_steps(mesh, n=6, cg_tol=1e-6, cg_max_iters=500)
+    sc, hc, _ = _run_steps(mesh, n=6, cg_tol=1e-6, cg_max_iters=500, cg_warm_start=False)
+    np.testing.assert_allclose(sw.phi, sc.phi, rtol=1e-4, atol=1e-6)
+    for w, c in zip(hw, hc):
+        np.testing.assert_allclose(w["grad_norm"], c["grad_norm"], rtol=1e-3)
+        assert w["cg_residual"] < 1e-5 and c["cg_residual"] < 1e-5
+    # Step 1 starts from zeros either way; later steps start from the previous solution.
+    assert hw[0]["cg_iters"] == hc[0]["cg_iters"]
+    assert sum(m["cg_iters"] for m in hw[1:]) < sum(m["cg_iters"] for m in hc[1:])
 
 
 @pytest.mark.slow

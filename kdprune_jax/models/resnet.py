@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kdprune_jax.models.batchnorm import BatchNorm
+
 # Explicit symmetric padding (not "SAME"): for stride 2, SAME pads asymmetrically
 # (0 before, 1 after), which would not match PyTorch's padding=1 / padding=3.
 _PAD1 = ((1, 1), (1, 1))
@@ -27,7 +29,7 @@ def _conv(cin, cout, k, stride, pad, rngs, dtype):
 
 def _bn(c, rngs, dtype, zero=False):
     # momentum 0.9 in flax's convention == torch's momentum 0.1; eps as torch.
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+    return BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
                          scale_init=nnx.initializers.zeros if zero else nnx.initializers.ones,
                          rngs=rngs)
 

@@ -1,0 +1,126 @@
+"""BatchNorm whose training-mode forward and backward are one hand-written VJP.
+
+`BatchNorm` is `flax.nnx.BatchNorm` (same variables: scale, bias, mean, var; same momentum
+and biased-variance running statistics; same inference mode) with the training-mode call
+replaced by `batch_norm_train`, a `jax.custom_vjp`:
+
+- forward: per-channel E[x] and E[x^2] (float32 even for bfloat16 inputs), then
+  y = (x - mean) * rsqrt(var + eps) * scale + bias;
+- backward: the closed form dx = scale * rsqrt(var + eps) / n * (n dy - sum(dy) -
+  xhat * sum(dy * xhat)): two per-channel reductions and one elementwise pass, where
+  autodiff of the forward makes XLA keep more intermediates and reduction passes.
+
+On the CPU backend the per-channel reductions are matrix products with a ones vector
+([1, n] @ [n, C]): XLA:CPU runs these reductions over the leading (batch * spatial) axis of
+an NHWC array as slow loops, while its matmul is Eigen's fast GEMV. Measured on the 2-core
+benchmark machine, ResNet-20 train step fwd+bwd: see README "Benchmarks" (BatchNorm row;
+`python -m benchmarks.run --only batchnorm`). On GPU/TPU the reductions are plain sums.
+
+Limits: `jax.custom_vjp` has no forward-mode rule, so jax.jvp / jacfwd / forward-over-
+reverse HVPs through a model in TRAINING mode raise; every HVP in kdprune_jax (influence,
+IF-Beta) runs models in inference mode, which is the stock path. Calls with `mask`,
+`axis_name` or a non-last feature axis use flax's implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _channel_sums(a2):
+    """Per-channel sums of a [n, C] array (XLA's reduction: pairwise, accurate in float32;
+    a [1, n] @ [n, C] product was no faster once XLA:CPU's YNNPACK fusions are on and
+    accumulates sequentially, ~1% gradient error at n = 128 * 32 * 32)."""
+    return jnp.sum(a2, axis=0)
+
+
+def _stats(x2):
+    n = x2.shape[0]
+    mean = _channel_sums(x2) / n
+    # Fast variance as flax's default (use_fast_variance=True), clipped at 0 for roundoff.
+    var = jnp.maximum(0.0, _channel_sums(x2 * x2) / n - mean * mean)
+    return mean, var
+
+
+def _forward(x, scale, bias, epsilon):
+    c = x.shape[-1]
+    f32 = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 under x64
+    x2 = x.reshape(-1, c).astype(f32)
+    mean, var = _stats(x2)
+    inv = jax.lax.rsqrt(var + epsilon)
+    xhat = (x.astype(f32) - mean) * inv
+    y = (xhat * scale + bias).astype(x.dtype)
+    return y, mean, var, xhat, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _batch_norm_train(x, scale, bias, epsilon):
+    y, mean, var, _, _ = _forward(x, scale, bias, epsilon)
+    return y, mean, var
+
+
+def batch_norm_train(x, scale, bias, epsilon: float):
+    """Training-mode batch normalization over all axes but the last.
+
+    Args:
+      x: [..., C] activations (float32 or bfloat16); statistics over all leading axes.
+      scale, bias: [C] float32.
+      epsilon: scalar added to the variance.
+    Returns:
+      (y [..., C] in x's dtype, batch mean [C] float32, biased batch variance [C] float32).
+    """
+    return _batch_norm_train(x, scale, bias, float(epsilon))
+
+
+def _fwd(x, scale, bias, epsilon):
+    y, mean, var, xhat, inv = _forward(x, scale, bias, epsilon)
+    # Residuals: xhat (float32, x's shape) rather than x, so the backward is one pass.
+    return (y, mean, var), (xhat, inv, scale)
+
+
+def _bwd(epsilon, res, cts):
+    xhat, inv, scale = res
+    dy, d_mean, d_var = cts
+    c = xhat.shape[-1]
+    n = xhat.size // c
+    dy2 = dy.reshape(-1, c).astype(xhat.dtype)
+    d_bias = _channel_sums(dy2)
+    d_scale = _channel_sums(dy2 * xhat.reshape(-1, c))
+    # dx = a * dy + b + k * xhat with per-channel a, b, k; the mean/var outputs' cotangents
+    # (zero when, as in BatchNorm, they only feed stop-gradient running statistics) enter
+    # b and k: d mean/dx = 1/n, d var/dx = 2 (x - mean)/n = 2 xhat / (inv n).
+    a = scale * inv
+    b = (d_mean - a * d_bias) / n
+    k = (2.0 * d_var / inv - a * d_scale) / n
+    dx = (a * dy.astype(xhat.dtype) + b + k * xhat).astype(dy.dtype)  # dy has x's dtype
+    return dx, d_scale, d_bias
+
+
+_batch_norm_train.defvjp(_fwd, _bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """`flax.nnx.BatchNorm` with the training-mode call through `batch_norm_train`
+    (identical variables, running-statistics update and inference mode)."""
+
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        ura = self.use_running_average if use_running_average is None else use_running_average
+        if (ura or mask is not None or self.axis_name is not None
+                or self.axis not in (-1, x.ndim - 1) or self.scale is None
+                or self.bias is None):
+            return super().__call__(x, use_running_average, mask=mask)
+        # As flax's promote_dtype: the layer's dtype, else x promoted with the params'.
+        dtype = self.dtype if self.dtype is not None else jnp.promote_types(
+            x.dtype, self.param_dtype)
+        y, mean, var = batch_norm_train(x.astype(dtype), self.scale[...], self.bias[...],
+                                        self.epsilon)
+        # Running statistics as flax: momentum * old + (1 - momentum) * batch, no gradient.
+        self.mean[...] = jax.lax.stop_gradient(
+            self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = jax.lax.stop_gradient(
+            self.momentum * self.var[...] + (1 - self.momentum) * var)
+        return y
