@@ -9,6 +9,8 @@ Ours: `kdprune_jax.train.steps.make_kd_train_step`, the exact jitted step the pi
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
 
 import numpy as np
@@ -26,9 +28,27 @@ def _batch(batch_size, seed=0):
     return x, y
 
 
-def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32"):
+@contextlib.contextmanager
+def _batchnorm_class(which):
+    """Build models with flax's BatchNorm (`which="flax"`) or ours (the default)."""
+    from flax import nnx
+
+    from kdprune_jax.models import resnet
+
+    ours = resnet.BatchNorm
+    resnet.BatchNorm = nnx.BatchNorm if which == "flax" else ours
+    try:
+        yield
+    finally:
+        resnet.BatchNorm = ours
+
+
+def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32",
+                batchnorm="ours"):
     """(step_fn, args) for our jitted KD step on one device; `step_fn(*args)` runs a step
-    and returns (state, metrics) whose state must be fed back (it is donated)."""
+    and returns (state, metrics) whose state must be fed back (it is donated).
+    `batchnorm="flax"` builds the models with flax.nnx.BatchNorm instead of ours (only to
+    measure what our BatchNorm formulation buys)."""
     import jax.numpy as jnp
     import ml_collections
     from flax import nnx
@@ -40,8 +60,9 @@ def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32"):
     mesh = sharding.make_mesh(1)
     # config.compute_dtype=bfloat16 the way train_model applies it: bf16 compute, f32 state.
     cdt = jnp.bfloat16 if dtype == "bfloat16" else None
-    student = models.create_model(student_name, num_classes=10, seed=0)
-    teacher = models.create_model(teacher_name, num_classes=10, seed=1)
+    with _batchnorm_class(batchnorm):
+        student = models.create_model(student_name, num_classes=10, seed=0)
+        teacher = models.create_model(teacher_name, num_classes=10, seed=1)
     t_graphdef, t_params, t_bs = nnx.split(teacher, nnx.Param, nnx.BatchStat)
     graphdef, params, bs = nnx.split(student, nnx.Param, nnx.BatchStat)
     t_graphdef = models.with_compute_dtype(t_graphdef, t_params, t_bs, cdt)
@@ -161,35 +182,64 @@ def _pair(teacher_name, student_name, reps, steps_per_rep, batch_size, torch_com
     return rows
 
 
-def _bf16_row(teacher_name, student_name, reps, steps_per_rep, batch_size):
-    """config.compute_dtype=bfloat16 against our own float32 step (accelerator readiness:
-    on a CPU without bf16 matrix units this measures the cost of the casts, not a gain)."""
+def _ours_vs_ours(teacher_name, student_name, reps, steps_per_rep, batch_size, *, workload,
+                  ours_label, ref_label, ours_kw, ref_kw):
+    """One of our steps against another build of our own step (a knob's measured effect):
+    `ours_kw` / `ref_kw` go to `jax_kd_step`. The two alternate rep by rep, so drift in the
+    machine's load hits both alike."""
     import jax
 
-    ips, compile_s = {}, {}
-    for dtype in ("bfloat16", "float32"):
+    built, compile_s = {}, {}
+    for side, kw in (("ours", ours_kw), ("ref", ref_kw)):
         step, state, teacher_vars, batch = jax_kd_step(teacher_name, student_name, batch_size,
-                                                       dtype=dtype)
+                                                       **kw)
         t0 = time.perf_counter()
         state, m = step(state, teacher_vars, batch)
         jax.block_until_ready(m)
-        compile_s[dtype] = time.perf_counter() - t0
-        holder = {"state": state}
+        compile_s[side] = time.perf_counter() - t0
+        built[side] = (step, {"state": state}, teacher_vars, batch)
 
-        def ours(step=step, holder=holder, teacher_vars=teacher_vars, batch=batch):
-            s = holder["state"]
-            for _ in range(steps_per_rep):
-                s, m = step(s, teacher_vars, batch)
-            holder["state"] = s
-            return m
+    def run_side(side):
+        step, holder, teacher_vars, batch = built[side]
+        s = holder["state"]
+        for _ in range(steps_per_rep):
+            s, m = step(s, teacher_vars, batch)
+        holder["state"] = s
+        return m
 
-        med, _ = timed(ours, reps=reps, warmup=1, sync=jax.block_until_ready)
-        ips[dtype] = batch_size * steps_per_rep / med
-    return Row(workload=f"KD step {teacher_name}->{student_name}, batch {batch_size}, "
-                        "compute_dtype=bfloat16", unit="img/s", ours=ips["bfloat16"],
-               ours_label="JAX jit, bf16 compute, f32 params/loss", ref=ips["float32"],
-               ref_label="ours, float32", reps=reps, compile_seconds=compile_s["bfloat16"],
-               ref_compile_seconds=compile_s["float32"])
+    times = {"ours": [], "ref": []}
+    for side in ("ours", "ref"):  # warm-up
+        jax.block_until_ready(run_side(side))
+    for _ in range(reps):
+        for side in ("ours", "ref"):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run_side(side))
+            times[side].append(time.perf_counter() - t0)
+    ips = {k: batch_size * steps_per_rep / statistics.median(v) for k, v in times.items()}
+    return Row(workload=workload, unit="img/s", ours=ips["ours"], ours_label=ours_label,
+               ref=ips["ref"], ref_label=ref_label, reps=reps,
+               compile_seconds=compile_s["ours"], ref_compile_seconds=compile_s["ref"])
+
+
+def _bf16_row(teacher_name, student_name, reps, steps_per_rep, batch_size):
+    """config.compute_dtype=bfloat16 against our own float32 step (accelerator readiness:
+    on a CPU without bf16 matrix units this measures the cost of the casts, not a gain)."""
+    return _ours_vs_ours(
+        teacher_name, student_name, reps, steps_per_rep, batch_size,
+        workload=f"KD step {teacher_name}->{student_name}, batch {batch_size}, "
+                 "compute_dtype=bfloat16",
+        ours_label="JAX jit, bf16 compute, f32 params/loss", ref_label="ours, float32",
+        ours_kw={"dtype": "bfloat16"}, ref_kw={})
+
+
+def _batchnorm_row(teacher_name, student_name, reps, steps_per_rep, batch_size):
+    """Our BatchNorm (hand-written training VJP, models/batchnorm.py) against flax's."""
+    return _ours_vs_ours(
+        teacher_name, student_name, reps, steps_per_rep, batch_size,
+        workload=f"KD step {teacher_name}->{student_name}, batch {batch_size}, BatchNorm "
+                 "formulation",
+        ours_label="ours, models.batchnorm (custom VJP)",
+        ref_label="ours with flax.nnx.BatchNorm", ours_kw={}, ref_kw={"batchnorm": "flax"})
 
 
 def run(reps: int = 5, steps_per_rep: int = 5, batch_size: int = 128, pairs=PAIRS,
@@ -200,4 +250,5 @@ def run(reps: int = 5, steps_per_rep: int = 5, batch_size: int = 128, pairs=PAIR
                       torch_compile)
     if bf16:
         rows.append(_bf16_row(*pairs[-1], reps, steps_per_rep, batch_size))
+    rows.append(_batchnorm_row(*pairs[-1], reps, steps_per_rep, batch_size))
     return rows

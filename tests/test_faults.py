@@ -7,9 +7,10 @@ uninterrupted run with the same seed: subset indices, student test/val metrics, 
 metrics, scores / features / learned policy all compared exactly (bitwise on CPU: same
 program, same device count; a checkpoint restores the exact state and data position).
 
-Two uninterrupted reference runs (smoke configs), computed once per module on first use:
-`el2n` (teacher, 2 proxies, scoring, select, student, eval) and `ifbeta` (teacher, features,
-influence ranks, policy learning, draw, student, eval).
+Three uninterrupted reference runs (smoke configs), computed once per module on first use:
+`el2n` (teacher, 2 proxies, scoring, select, student, eval), `ifbeta` (teacher, features,
+influence ranks, policy learning, draw, student, eval) and `views` (teacher, random select,
+the cached-teacher pass over 2 views per kept example, student, eval).
 """
 
 import json
@@ -25,6 +26,7 @@ REFS = {
     "el2n": ["--config.prune.method=el2n", "--config.proxy.num_models=2",
              "--config.proxy.num_epochs=1"],
     "ifbeta": ["--config.prune.method=ifbeta", "--config.policy.max_steps=3"],
+    "views": ["--config.prune.method=random", "--config.kd.teacher_views=2"],
 }
 # Smoke schedules: teacher, proxies and student all take 21 steps (1,368-image pool or
 # 684-image subset, batch 64) and checkpoint every 10 steps (plus the last step).
@@ -64,6 +66,9 @@ POINTS = [
      ["[features] reusing", "[policy] learned"]),
     ("ifbeta", "select:write", ["ifbeta/policy.json"], ["subset.json", "student"],
      ["[policy] reusing", "[select] IF-Beta kept 684/1368"]),
+    # The cached-teacher pass writes a complete teacher_views.tmp/, then renames it.
+    ("views", "teacher_views:write", ["subset.json", "teacher_views.tmp/meta.json"],
+     ["teacher_views", "student"], ["[select] reusing", "[teacher_views] 684 examples x 2"]),
 ]
 
 

@@ -167,7 +167,7 @@ def test_cpu_default_flags_applied_unless_user_chose():
     flag = cpu_flags.YNN_FLAG
     assert cpu_flags.with_cpu_defaults("", "0.10.2") == flag
     assert cpu_flags.with_cpu_defaults("--a=1", "0.10.2") == f"--a=1 {flag}"
-    mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise"
+    mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"
     assert cpu_flags.with_cpu_defaults(mine, "0.10.2") == mine  # the user's choice wins
     # An untested jaxlib gets nothing: an unknown flag would abort XLA at startup.
     assert cpu_flags.with_cpu_defaults("--a=1", "0.9.0") == "--a=1"
