@@ -19,8 +19,9 @@ import sys
 
 CANDIDATES = {
     "default": "",  # XLA's defaults (the children do not apply kdprune_jax.cpu_flags)
-    "ynn_kdprune_default": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,individual_dot",
-    "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=eltwise",
+    "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=eltwise",  # kdprune_jax's default
+    "ynn_eltwise_reduce_dot": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,"
+                              "individual_dot",
     "ynn_with_convolution": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,"
                             "individual_dot,individual_convolution",
     "xnn_fusions": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",

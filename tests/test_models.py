@@ -197,9 +197,12 @@ np.savez(sys.argv[2], *[np.asarray(v, np.float64) for v in leaves])
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU flags")
 def test_cpu_default_flags_keep_gradients_within_float32_noise(tmp_path):
-    """The YNNPACK fusions change float32 rounding, not the math: a ResNet train-step
-    gradient is as close to float64 with them as float32 rounding allows without them
-    (each setting in its own process: XLA reads its flags once)."""
+    """The YNNPACK elementwise fusions change float32 rounding, not the math. They compute
+    a*b + c as two rounded operations (as PyTorch eager does) where XLA's own kernels
+    contract it into one fused multiply-add; in the cancellations of the BatchNorm backward
+    that shows: a ResNet-8 train-step gradient is ~1e-3 (median relative) from float64 with
+    them, ~1e-6 without. Far from bfloat16's ~1e-2; each setting in its own process (XLA
+    reads its flags once)."""
     import os
     import subprocess
     import sys
@@ -225,5 +228,5 @@ def test_cpu_default_flags_keep_gradients_within_float32_noise(tmp_path):
                          for a, r in zip(grads[name], grads["float64"])])
 
     plain32, ynn32 = rel_errors("float32"), rel_errors("float32_ynn")
-    assert np.median(plain32) < 1e-3 and np.median(ynn32) < 1e-2
-    assert np.median(ynn32) < 5 * max(np.median(plain32), 1e-4)
+    assert np.median(plain32) < 1e-5
+    assert np.median(ynn32) < 5e-3 and np.max(ynn32) < 2e-2
