@@ -9,8 +9,9 @@ Same data and recipe as configs/cifar10_kd.py; policy defaults in configs/base.p
 (Adam lr 0.05 on (a~, b~) from Beta(1, 1), up to 200 outer steps, early stop on V2).
 Measured: the policy-learning stage on the real quickstart teacher's features is exercised by
 tests/test_ifbeta.py; the full CIFAR-10 recipe has not been run on this 2-core CPU. The cost of
-the selection (features + influence ranks + policy) on 9,500 real CIFAR-10 images is 0.60 of
-one full-data KD epoch (`python -m benchmarks.run --only ifbeta_cost`; README "Benchmarks").
+the selection (features + influence ranks + policy) on all 47,500 pool images is 0.62 of one
+full-data KD epoch (`python -m benchmarks.run --only ifbeta_cost --ifbeta_max_per_class 0
+--ifbeta_teacher_init DIR/teacher`; README "Benchmarks").
 """
 
 import importlib.util

@@ -11,8 +11,9 @@ replaced by `batch_norm_train`, a `jax.custom_vjp`:
   autodiff of the forward makes XLA keep more intermediates and reduction passes.
 
 Why: on the 2-core benchmark machine, with kdprune_jax's XLA:CPU defaults
-(`kdprune_jax.cpu_flags`), the KD train step ResNet-20 -> ResNet-20 runs about 1.13x
-faster than with flax's BatchNorm (README "Benchmarks"). The reductions are XLA's pairwise
+(`kdprune_jax.cpu_flags`), the KD train step ResNet-20 -> ResNet-20 runs 1.10x
+faster than with flax's BatchNorm (README "Benchmarks", `python -m benchmarks.run --only
+kd_step`, the BatchNorm-formulation row). The reductions are XLA's pairwise
 sums: a [1, n] @ [n, C] matmul formulation was no faster in the whole step (with or without
 the YNNPACK fusions) and accumulates sequentially, ~1% relative gradient error in float32.
 
