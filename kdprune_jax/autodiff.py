@@ -74,7 +74,7 @@ def solve_cg(loss_fn, params, b, *, damping: float, max_iters: int = 100, tol: f
     networks choose damping larger than the most negative eigenvalue). Stops when the
     relative residual < tol or after max_iters; info["residual"] tells which.
     `x0` (a pytree like b, default zeros) starts the iteration: a nearby solution, e.g. the
-    previous outer step's, saves most iterations when the system changes slowly.
+    previous outer step's, saves iterations when the system changes slowly.
     """
     mv, _ = damped_matvec(loss_fn, params, damping)
     bf, unravel = ravel_pytree(b)
