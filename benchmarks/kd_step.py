@@ -30,7 +30,8 @@ def _batch(batch_size, seed=0):
 
 @contextlib.contextmanager
 def _batchnorm_class(which):
-    """Build models with flax's BatchNorm (`which="flax"`) or ours (the default)."""
+    """Build models with flax's BatchNorm (`which="flax"`) or ours (the default); patches
+    `models.resnet` (its models only), so not for concurrent use."""
     from flax import nnx
 
     from kdprune_jax.models import resnet
@@ -210,14 +211,17 @@ def _ours_vs_ours(teacher_name, student_name, reps, steps_per_rep, batch_size, *
     times = {"ours": [], "ref": []}
     for side in ("ours", "ref"):  # warm-up
         jax.block_until_ready(run_side(side))
-    for _ in range(reps):
-        for side in ("ours", "ref"):
+    for i in range(reps):  # alternate which side goes first, too
+        for side in ("ours", "ref") if i % 2 == 0 else ("ref", "ours"):
             t0 = time.perf_counter()
             jax.block_until_ready(run_side(side))
             times[side].append(time.perf_counter() - t0)
-    ips = {k: batch_size * steps_per_rep / statistics.median(v) for k, v in times.items()}
+    images = batch_size * steps_per_rep
+    ips = {k: images / statistics.median(v) for k, v in times.items()}
+    spread = {k: (images / max(v), images / min(v)) for k, v in times.items()}
     return Row(workload=workload, unit="img/s", ours=ips["ours"], ours_label=ours_label,
-               ref=ips["ref"], ref_label=ref_label, reps=reps,
+               ref=ips["ref"], ref_label=ref_label, reps=reps, ours_spread=spread["ours"],
+               ref_spread=spread["ref"],
                compile_seconds=compile_s["ours"], ref_compile_seconds=compile_s["ref"])
 
 

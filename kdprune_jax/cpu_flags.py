@@ -9,12 +9,13 @@ The default: YNNPACK fusions for elementwise loops
 machine, KD train step batch 128: see README "Benchmarks" (`python -m benchmarks.xla_flags`;
 ResNet-56 -> ResNet-20 and ResNet-20 -> ResNet-20, each setting in a fresh process).
 Not defaults, measured by the same command:
-- ``eltwise,reduce,individual_dot`` is faster still for ResNet-20 -> ResNet-20, but YNNPACK's
+- ``eltwise,reduce,individual_dot`` is faster still (1.03x / 1.04x over eltwise), but YNNPACK's
   reductions split the work by thread and accumulate in that order: results then depend on
   the process layout (2 processes x 4 devices no longer equal 1 x 8,
   tests/test_multiprocess.py) and float32 CG inverse-HVPs stall at a higher residual (the
   ImageNet-mock IF-Beta smoke test's influence CG stopped at 9e-3 instead of 1e-5);
-- ``individual_convolution`` (YNNPACK convolutions) is slower than XLA's own.
+- ``individual_convolution`` (YNNPACK convolutions) was slower than XLA's own in scratch
+  runs (``--only default,ynn_with_convolution`` measures it).
 Precision: YNNPACK evaluates a*b + c as two rounded float32 operations, as PyTorch eager
 does, where XLA's own loops contract it into one fused multiply-add. Where terms cancel (the
 BatchNorm backward) this shows: a ResNet-8 train-step gradient is ~1e-3 (median relative)

@@ -326,7 +326,9 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
         if p.method == "implicit":
             state, m = step(state, prob)
             m = {kk: float(v) for kk, v in jax.device_get(m).items()}
-            if m["cg_residual"] > max(p.cg_tol * 100, 1e-3):
+            # not finite: with the CG warm start a NaN would also seed every later step.
+            if not np.isfinite(m["cg_residual"]) or m["cg_residual"] > max(p.cg_tol * 100,
+                                                                            1e-3):
                 raise SolverError(
                     f"policy CG did not converge at outer step {k}: relative residual "
                     f"{m['cg_residual']:.3g} after {int(m['cg_iters'])} iterations; raise "

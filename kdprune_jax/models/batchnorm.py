@@ -11,8 +11,8 @@ replaced by `batch_norm_train`, a `jax.custom_vjp`:
   autodiff of the forward makes XLA keep more intermediates and reduction passes.
 
 Why: on the 2-core benchmark machine, with kdprune_jax's XLA:CPU defaults
-(`kdprune_jax.cpu_flags`), the KD train step ResNet-20 -> ResNet-20 runs 1.10x
-faster than with flax's BatchNorm (README "Benchmarks", `python -m benchmarks.run --only
+(`kdprune_jax.cpu_flags`), the KD train step ResNet-20 -> ResNet-20 runs 1.02-1.10x
+faster than with flax's BatchNorm (two runs) (README "Benchmarks", `python -m benchmarks.run --only
 kd_step`, the BatchNorm-formulation row). The reductions are XLA's pairwise
 sums: a [1, n] @ [n, C] matmul formulation was no faster in the whole step (with or without
 the YNNPACK fusions) and accumulates sequentially, ~1% relative gradient error in float32.
@@ -20,7 +20,8 @@ the YNNPACK fusions) and accumulates sequentially, ~1% relative gradient error i
 Limits: `jax.custom_vjp` has no forward-mode rule, so jax.jvp / jacfwd / forward-over-
 reverse HVPs through a model in TRAINING mode raise; every HVP in kdprune_jax (influence,
 IF-Beta) runs models in inference mode, which is the stock path. Calls with `mask`,
-`axis_name` or a non-last feature axis use flax's implementation unchanged.
+`axis_name`, a non-last feature axis or `use_fast_variance=False` use flax's implementation
+unchanged.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def batch_norm_train(x, scale, bias, epsilon: float):
 def _fwd(x, scale, bias, epsilon):
     y, mean, var, xhat, inv = _forward(x, scale, bias, epsilon)
     # Residuals: xhat (float32, x's shape) rather than x, so the backward is one pass.
-    return (y, mean, var), (xhat, inv, scale)
+    return (y, mean, var), (xhat, inv, scale)  # scale also carries the params' dtype
 
 
 def _bwd(epsilon, res, cts):
@@ -98,7 +99,8 @@ def _bwd(epsilon, res, cts):
     b = (d_mean - a * d_bias) / n
     k = (2.0 * d_var / inv - a * d_scale) / n
     dx = (a * dy.astype(xhat.dtype) + b + k * xhat).astype(dy.dtype)  # dy has x's dtype
-    return dx, d_scale, d_bias
+    # Cotangents in the parameters' dtype (float32 params, float64 math under x64).
+    return dx, d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
 
 
 _batch_norm_train.defvjp(_fwd, _bwd)
@@ -110,9 +112,11 @@ class BatchNorm(nnx.BatchNorm):
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         ura = self.use_running_average if use_running_average is None else use_running_average
-        if (ura or mask is not None or self.axis_name is not None
+        # Everything but the plain training call is flax's code, including its error when
+        # neither the call nor the constructor says which mode (ura is None).
+        if (ura is None or ura or mask is not None or self.axis_name is not None
                 or self.axis not in (-1, x.ndim - 1) or self.scale is None
-                or self.bias is None):
+                or self.bias is None or not self.use_fast_variance):
             return super().__call__(x, use_running_average, mask=mask)
         # As flax's promote_dtype: the layer's dtype, else x promoted with the params'.
         dtype = self.dtype if self.dtype is not None else jnp.promote_types(

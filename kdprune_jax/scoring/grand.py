@@ -3,7 +3,7 @@
 `grand_scores` uses ALL parameters: per-example gradients by vmap(grad) over chunks of
 `chunk_size` examples, the chunks unrolled in the program (peak memory chunk_size x
 (#params) instead of B x (#params)). Not `lax.map`: in a loop body, vmap's per-example
-convolution gradients (convolutions grouped over the batch) run ~15x slower on XLA:CPU
+convolution gradients (convolutions grouped over the batch) run ~20x slower on XLA:CPU
 (ResNet-20: 11 vs 217 examples/s, benchmarks/grand.py). `grand_last_layer_from_features`
 is the closed form for a softmax-CE linear head (W, b) on features h:
 grad_W = h (p - y)^T, grad_b = p - y, so ||grad|| = ||p - y|| * sqrt(||h||^2 + 1).
