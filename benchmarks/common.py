@@ -72,6 +72,12 @@ def machine() -> dict:
     """What the figures were measured on."""
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    try:  # the per-program XLA:CPU options of our hot programs (kdprune_jax.cpu_flags)
+        from kdprune_jax import cpu_flags
+
+        info["cpu_compiler_options"] = cpu_flags.compiler_options()
+    except Exception as e:  # noqa: BLE001 -- a record, never a reason to fail the run
+        info["cpu_compiler_options"] = f"unavailable: {e}"
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]

@@ -25,7 +25,7 @@ def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 
     from flax import nnx
     from torch.func import functional_call, grad, vmap
 
-    from kdprune_jax import losses, models, scoring
+    from kdprune_jax import cpu_flags, losses, models, scoring
     from kdprune_jax.models.torch_cifar import torch_cifar_resnet
 
     depth = int(model_name.removeprefix("cifar_resnet"))
@@ -50,7 +50,8 @@ def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 
         return jax.lax.map(one, b, batch_size=chunk_size)
 
     def measure(scores_fn, batch):
-        fn = jax.jit(scores_fn)
+        # The score stage's XLA:CPU options (score_stage.batch_pass passes the same).
+        fn = jax.jit(scores_fn, compiler_options=cpu_flags.compiler_options())
         m = jax.tree.leaves(batch)[0].shape[0]
         step = min(batch_size, m)
         chunks = [jax.tree.map(lambda a, s=s: a[s:s + step], batch) for s in range(0, m, step)]

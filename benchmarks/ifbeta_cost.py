@@ -24,16 +24,20 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
+
 from benchmarks.common import Row
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(max_per_class: int = 1000, teacher_epochs: int = 2,
-        workdir: str = "/tmp/kdprune_bench_ifbeta", reps: int = 1, teacher_init: str = ""):
+        workdir: str = "/tmp/kdprune_bench_ifbeta", reps: int = 1, teacher_init: str = "",
+        overrides=()):
     """`teacher_init`: import this teacher/ directory (e.g. the one a smaller run of this
     benchmark trained) instead of training one: the full 50,000-image pool then costs only
-    the timed stages."""
+    the timed stages. `overrides`: "FIELD=VALUE" config overrides of the run (e.g.
+    "policy.cg_preconditioner=none"), to measure one knob against the defaults."""
     rows = []
     costs = []
     for _ in range(reps):
@@ -52,6 +56,7 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
                "--config.log_every_steps=100", "--config.checkpoint_every_steps=100000"]
         if teacher_init:
             cmd.append(f"--config.teacher.init={teacher_init}")
+        cmd += [f"--config.{o}" for o in overrides]
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if out.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -60,11 +65,18 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
         with open(os.path.join(workdir, "features", "meta.json")) as f:
             feat_s = json.load(f)["seconds"]
         policy_s = res["pruning_cost"]["policy_seconds"]
+        with open(os.path.join(workdir, "ifbeta", "policy.json")) as f:
+            res["policy_history"] = json.load(f)["history"]
         epoch_s = res["student"]["train_seconds"]
         costs.append((feat_s, policy_s, epoch_s, res))
     feat_s, policy_s, epoch_s, res = sorted(costs, key=lambda c: (c[0] + c[1]) / c[2])[
         len(costs) // 2]
     n_pool = res["subset"]["pool_size"]
+    cg = [int(m["cg_iters"]) for m in res["policy_history"] if "cg_iters" in m]
+    inner = [int(m["inner_iters"]) for m in res["policy_history"] if "inner_iters" in m]
+    solver = (f"; {len(res['policy_history'])} outer steps, CG iterations per step median "
+              f"{int(np.median(cg))} (range {min(cg)}-{max(cg)}), inner L-BFGS median "
+              f"{int(np.median(inner))}" if cg else "")
     rows.append(Row(
         workload=(f"IF-Beta selection cost, CIFAR-10 {n_pool} pool images, ResNet-56 "
                   f"features -> policy (a {res['policy']['a']:.2f}, b {res['policy']['b']:.2f})"),
@@ -73,5 +85,5 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
         ref=None, ref_label=f"1 full-data KD epoch (56->20) = {epoch_s:.0f} s; target <= 0.5",
         reps=len(costs),
         notes=("pipeline run: " + " ".join(cmd[2:]) + "; features "
-               f"{feat_s / epoch_s:.2f} + policy {policy_s / epoch_s:.2f} KD epochs")))
+               f"{feat_s / epoch_s:.2f} + policy {policy_s / epoch_s:.2f} KD epochs" + solver)))
     return rows

@@ -9,7 +9,6 @@ Ours: `kdprune_jax.train.steps.make_kd_train_step`, the exact jitted step the pi
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
@@ -26,22 +25,6 @@ def _batch(batch_size, seed=0):
     x = rng.standard_normal((batch_size, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, batch_size).astype(np.int32)
     return x, y
-
-
-@contextlib.contextmanager
-def _batchnorm_class(which):
-    """Build models with flax's BatchNorm (`which="flax"`) or ours (the default); patches
-    `models.resnet` (its models only), so not for concurrent use."""
-    from flax import nnx
-
-    from kdprune_jax.models import resnet
-
-    ours = resnet.BatchNorm
-    resnet.BatchNorm = nnx.BatchNorm if which == "flax" else ours
-    try:
-        yield
-    finally:
-        resnet.BatchNorm = ours
 
 
 def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32",
@@ -61,11 +44,13 @@ def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32",
     mesh = sharding.make_mesh(1)
     # config.compute_dtype=bfloat16 the way train_model applies it: bf16 compute, f32 state.
     cdt = jnp.bfloat16 if dtype == "bfloat16" else None
-    with _batchnorm_class(batchnorm):
-        student = models.create_model(student_name, num_classes=10, seed=0)
-        teacher = models.create_model(teacher_name, num_classes=10, seed=1)
+    student = models.create_model(student_name, num_classes=10, seed=0)
+    teacher = models.create_model(teacher_name, num_classes=10, seed=1)
     t_graphdef, t_params, t_bs = nnx.split(teacher, nnx.Param, nnx.BatchStat)
     graphdef, params, bs = nnx.split(student, nnx.Param, nnx.BatchStat)
+    if batchnorm == "flax":
+        t_graphdef = models.with_batchnorm_vjp(t_graphdef, t_params, t_bs, closed_form=False)
+        graphdef = models.with_batchnorm_vjp(graphdef, params, bs, closed_form=False)
     t_graphdef = models.with_compute_dtype(t_graphdef, t_params, t_bs, cdt)
     graphdef = models.with_compute_dtype(graphdef, params, bs, cdt)
     opt = ml_collections.ConfigDict(dict(learning_rate=LR, schedule="constant", momentum=MOMENTUM,

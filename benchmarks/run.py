@@ -36,7 +36,15 @@ def main(argv=None) -> int:
                     help="ifbeta_cost: images per class (0 = all of CIFAR-10)")
     ap.add_argument("--ifbeta_teacher_init", default="",
                     help="ifbeta_cost: import this teacher/ dir instead of training one")
+    ap.add_argument("--ifbeta_override", action="append", default=[], metavar="FIELD=VALUE",
+                    help="ifbeta_cost: extra --config.FIELD=VALUE for the pipeline run "
+                         "(repeatable), e.g. policy.cg_preconditioner=none to measure a knob")
     args = ap.parse_args(argv)
+    bad_override = [o for o in args.ifbeta_override if "=" not in o]
+    if bad_override:
+        print(f"error: --ifbeta_override {bad_override[0]!r} is invalid; allowed: "
+              "FIELD=VALUE, e.g. policy.cg_preconditioner=none", file=sys.stderr)
+        return 2
     only = [s for s in args.only.split(",") if s]
     bad = [s for s in only if s not in SUITES]
     if bad:
@@ -44,11 +52,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    # Our side runs with the XLA:CPU defaults `python -m kdprune_jax.main` applies (before
-    # the first JAX computation; recorded in the results' machine.xla_flags).
-    from kdprune_jax import cpu_flags
-
-    cpu_flags.apply_cpu_defaults()
+    # Our side runs with the XLA:CPU defaults of the package: per-program compiler options
+    # (kdprune_jax.cpu_flags) inside the train steps and scoring passes; the suites that jit
+    # their own programs pass them the same way.
     reps = 5  # the median of >= 5 repetitions, always
     rows: list[common.Row] = []
     t0 = time.perf_counter()
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
         rows += ifbeta_cost.run(max_per_class=20 if args.quick else args.ifbeta_max_per_class,
                                 teacher_epochs=1 if args.quick else 2,
                                 teacher_init=args.ifbeta_teacher_init,
+                                overrides=args.ifbeta_override,
                                 workdir="/tmp/kdprune_bench_ifbeta" + (
                                     "_imported" if args.ifbeta_teacher_init else ""))
         save()

@@ -18,7 +18,9 @@ import subprocess
 import sys
 
 CANDIDATES = {
-    "default": "",  # XLA's defaults (the children do not apply kdprune_jax.cpu_flags)
+    # The children run with KDPRUNE_CPU_DEFAULTS=0 (no per-program options from
+    # kdprune_jax.cpu_flags), so XLA_FLAGS alone sets each candidate for the whole process.
+    "default": "",  # XLA's own defaults
     "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=eltwise",  # kdprune_jax's default
     "ynn_eltwise_reduce_dot": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce,"
                               "individual_dot",
@@ -55,7 +57,7 @@ print(json.dumps({"ips": b * steps / med, "compile_s": compile_s}))
 
 
 def measure(flags: str, teacher: str, student: str, batch: int, steps: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", KDPRUNE_CPU_DEFAULTS="0")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", _CHILD, teacher, student, str(batch),
                           str(steps)], env=env, cwd=root, capture_output=True, text=True,

@@ -96,6 +96,9 @@ class Settings:
     damping: float = 0.0
     warm_start: bool = True  # start each inner solve from the previous theta*
     cg_warm_start: bool = True  # start each CG solve from the previous step's solution
+    # auto | kronecker | none: CG preconditioner (auto = kronecker for the linear head,
+    # none for the mlp head; see scoring.head.kronecker_preconditioner).
+    cg_preconditioner: str = "auto"
     head: str = "linear"  # linear | mlp (see scoring.head.init_head)
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
@@ -108,6 +111,20 @@ class PolicyState:
     theta: dict  # last inner solution (warm start)
     step: jax.Array
     cg_solution: dict  # last (H + damping I)^-1 dL_out/dtheta, like theta (CG warm start)
+
+
+CG_PRECONDITIONERS = ("auto", "kronecker", "none")
+
+
+def uses_kronecker_preconditioner(cg_preconditioner: str, head: str) -> bool:
+    """Whether the CG solves on the head precondition with its Kronecker factors: always
+    for `kronecker` (linear heads only: config_checks rejects it with mlp), for `auto` when
+    the head is linear."""
+    if cg_preconditioner not in CG_PRECONDITIONERS:
+        raise ValueError(f"unknown cg_preconditioner {cg_preconditioner!r}; allowed: "
+                         f"{', '.join(CG_PRECONDITIONERS)}")
+    return cg_preconditioner == "kronecker" or (cg_preconditioner == "auto"
+                                                and head == "linear")
 
 
 def keep_probabilities(phi, prob: Problem, s: Settings):
@@ -147,9 +164,16 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
     Returns (grad [2], cg_info, v)."""
     g_out = jax.grad(outer_loss)(theta, prob.val, s)
     pi = _pi(phi, prob, s)
+    precond = None
+    if uses_kronecker_preconditioner(s.cg_preconditioner, s.head):
+        # Factors at this step's (theta*, pi): [D+1, D+1] and [C, C] sums over the sharded
+        # pool rows (cheaper than one HVP), then two small eigendecompositions.
+        precond = head_lib.kronecker_preconditioner(
+            theta, {**prob.train, "weight": pi}, lam=s.lam, temperature=s.temperature,
+            shift=s.l2 + s.damping)
     v, cg_info = autodiff.solve_cg(lambda th: _inner_objective(th, pi, prob.train, s), theta,
                                    g_out, damping=s.damping, max_iters=s.cg_max_iters,
-                                   tol=s.cg_tol, x0=v0)
+                                   tol=s.cg_tol, x0=v0, preconditioner=precond)
 
     def grad_theta_of_phi(ph):
         return jax.grad(_inner_objective)(theta, _pi(ph, prob, s), prob.train, s)
@@ -178,8 +202,6 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
         theta0 = state.theta if s.warm_start else jax.tree.map(jnp.zeros_like, state.theta)
         theta, _, info = inner_solve(state.phi, theta0, prob, s)
         # Warm start: phi moves little per step, so last step's v is close to this one's.
-        # On the 47,500-image CIFAR-10 pool CG then stopped after 236-285 iterations instead
-        # of its 300 cap (float32's residual floor sits near cg_tol; metrics.jsonl).
         v0 = state.cg_solution if s.cg_warm_start else None
         d_phi, cg_info, v = hypergradient(state.phi, theta, prob, s, v0)
         updates, opt_state = tx.update(d_phi, state.opt_state, state.phi)

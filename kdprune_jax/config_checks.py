@@ -128,6 +128,15 @@ def _check_scoring(config, n_dev) -> None:
     if ib.feature_dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError("ifbeta.feature_dtype", ib.feature_dtype,
                           "float32, float16, bfloat16")
+    if po.cg_preconditioner not in ("auto", "kronecker", "none"):
+        raise ConfigError("policy.cg_preconditioner", po.cg_preconditioner,
+                          "auto, kronecker, none")
+    if po.cg_preconditioner == "kronecker" and ib.head != "linear":
+        raise ConfigError("policy.cg_preconditioner", po.cg_preconditioner,
+                          f"auto or none with ifbeta.head={ib.head} (the Kronecker "
+                          "preconditioner is for the linear head)")
+    if not isinstance(po.cg_warm_start, bool):
+        raise ConfigError("policy.cg_warm_start", po.cg_warm_start, "True, False")
     if po.method not in ("implicit", "reinforce", "grid"):
         raise ConfigError("policy.method", po.method, "implicit, reinforce, grid")
     for f in ("learning_rate", "init_a", "init_b", "inner_tol", "cg_tol"):

@@ -12,6 +12,7 @@ following METHOD.md §5; every "our choice" there is a field of config.ifbeta / 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -236,9 +237,13 @@ def build_problem(config, ds, feats, logits, log):
                                     max_iters=config.policy.inner_max_iters * 5, tol=1e-6)
     obj = lambda p, b: head_lib.head_objective(p, b, lam=lam, temperature=tau, l2=l2)  # noqa: E731
     val_obj = lambda p, b: jnp.mean(head_lib.head_losses(p, b, lam=lam, temperature=tau))  # noqa: E731
+    precond = None
+    if bilevel.uses_kronecker_preconditioner(config.policy.cg_preconditioner, ib.head):
+        precond = functools.partial(head_lib.kronecker_preconditioner, lam=lam,
+                                    temperature=tau, shift=l2 + ib.damping)
     s, sinfo = scoring.s_test(obj, val_obj, theta, train, val1, solver=ib.influence_solver,
                               damping=ib.damping, max_iters=config.policy.cg_max_iters,
-                              tol=config.policy.cg_tol)
+                              tol=config.policy.cg_tol, preconditioner=precond)
     scoring.check_solve(sinfo, solver=ib.influence_solver, tol=config.policy.cg_tol,
                         where="ifbeta", iters_field="policy.cg_max_iters")
     per_ex = lambda p, b: head_lib.head_losses(p, b, lam=lam, temperature=tau)  # noqa: E731
@@ -267,7 +272,8 @@ def settings(config, num_classes) -> bilevel.Settings:
         num_classes=num_classes, lam=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
         inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
-        warm_start=p.warm_start, cg_warm_start=p.cg_warm_start, head=ib.head,
+        warm_start=p.warm_start, cg_warm_start=p.cg_warm_start,
+        cg_preconditioner=p.cg_preconditioner, head=ib.head,
         mlp_hidden=ib.mlp_hidden, seed=config.seed)
 
 

@@ -48,11 +48,15 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         # orbax/grain log every save at INFO; a user sees the progress bar and our lines.
         logging.set_verbosity(logging.WARNING)
-    # XLA:CPU defaults (YNNPACK fusions) into $XLA_FLAGS: XLA reads them when its first
-    # backend starts, so before anything below touches JAX. No effect on GPU/TPU programs.
+    # $KDPRUNE_CPU_DEFAULTS (the per-program XLA:CPU options, cpu_flags) is checked before
+    # any work, so a typo is one line and not a traceback mid-run.
     from kdprune_jax import cpu_flags
 
-    cpu_flags.apply_cpu_defaults()
+    try:
+        cpu_flags.defaults_enabled()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     import jax
 
     from kdprune_jax import distributed, pipeline

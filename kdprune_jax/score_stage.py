@@ -24,6 +24,7 @@ from flax import nnx
 from kdprune_jax import (
     artifacts,
     config_checks,
+    cpu_flags,
     data,
     faults,
     losses,
@@ -103,7 +104,10 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores", ba
     # Outputs replicated: XLA all-gathers each batch's [B, ...] results (small next to
     # the images) so that every process can read every row; with several processes a
     # "data"-sharded output would span devices this process cannot address.
-    jfn = jax.jit(with_rows, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=repl)
+    # compiler_options: the XLA:CPU defaults of the hot programs (cpu_flags); `fn` must not
+    # hold dense linear algebra (eigh/Cholesky/LU), which they cannot compile.
+    jfn = jax.jit(with_rows, in_shardings=(repl,) * len(args) + (bsh,), out_shardings=repl,
+                  compiler_options=cpu_flags.compiler_options())
     args = sharding.replicate(args, mesh)
     out = None
     pending = []

@@ -105,6 +105,26 @@ def test_cg_warm_start_reaches_the_same_solution_in_fewer_iterations():
     assert int(exact_info["iterations"]) <= 1
 
 
+def test_preconditioned_cg_with_the_exact_inverse_converges_in_one_iteration():
+    params, unravel, b, damping, want, _ = _damped_problem()
+    flat = ravel_pytree(params)[0]
+    h = jax.hessian(lambda f: mlp_loss(unravel(f)))(flat)
+    inv = jnp.linalg.inv(h + damping * jnp.eye(flat.size))
+    exact = lambda t: unravel(inv @ ravel_pytree(t)[0])  # noqa: E731
+    x, info = autodiff.solve_cg(mlp_loss, params, unravel(b), damping=damping, max_iters=50,
+                                tol=1e-5, preconditioner=exact)
+    np.testing.assert_allclose(ravel_pytree(x)[0], want, rtol=1e-3, atol=1e-4)
+    assert int(info["iterations"]) <= 2 and float(info["residual"]) < 1e-5
+    # A poor but valid preconditioner (SPD diagonal) changes the path, not the answer.
+    diag = unravel(jnp.asarray(np.random.default_rng(5).uniform(0.5, 2.0, flat.size),
+                               jnp.float32))
+    x, info = autodiff.solve_cg(mlp_loss, params, unravel(b), damping=damping, max_iters=500,
+                                tol=1e-6, preconditioner=lambda t: jax.tree.map(
+                                    jnp.multiply, diag, t))
+    np.testing.assert_allclose(ravel_pytree(x)[0], want, rtol=1e-3, atol=1e-4)
+    assert float(info["residual"]) < 1e-5
+
+
 def test_cg_not_converging_names_max_iters():
     params, unravel, b, damping, _, _ = _damped_problem()
     _, info = autodiff.inverse_hvp(mlp_loss, params, unravel(b), solver="cg",

@@ -72,6 +72,12 @@ BAD = [
      r"config\.data\.val_fraction=1\.0", r"a number in \[0, 1\)"),
     ("teacher_init_missing", dict(teacher__init="/nonexistent/run/teacher"), ConfigError,
      r"config\.teacher\.init='/nonexistent/run/teacher'", "teacher checkpoint directory"),
+    ("unknown_cg_preconditioner", dict(policy__cg_preconditioner="jacobi"), ConfigError,
+     r"config\.policy\.cg_preconditioner='jacobi'", "auto, kronecker, none"),
+    ("kronecker_with_mlp_head", dict(ifbeta__head="mlp", ifbeta__damping=0.1,
+                                     policy__damping=0.1, policy__cg_preconditioner="kronecker"),
+     ConfigError, r"config\.policy\.cg_preconditioner='kronecker'",
+     "auto or none with ifbeta.head=mlp"),
     # ---- config values that need the labels (pipeline.run, right after reading them)
     ("class_left_empty", dict(prune__keep_fraction=0.001), ConfigError,
      r"config\.prune\.keep_fraction=0\.001", "keeps at least one example of every class"),

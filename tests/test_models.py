@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kdprune_jax import losses, models
 from kdprune_jax.models import MODEL_NAMES, create_model
 
 
@@ -131,6 +132,31 @@ def test_custom_vjp_batchnorm_equals_flax_batchnorm():
                                ref(x, use_running_average=True), rtol=1e-5, atol=1e-5)
 
 
+def test_with_batchnorm_vjp_switches_the_formulation_not_the_result():
+    """`models.with_batchnorm_vjp(closed_form=False)` (the benchmark's flax reference) runs
+    flax's own BatchNorm call: no custom VJP in the program, the same loss and gradients."""
+    model = models.create_model("cifar_resnet8", num_classes=10, seed=0)
+    graphdef, params, bs = nnx.split(model, nnx.Param, nnx.BatchStat)
+    flax_gd = models.with_batchnorm_vjp(graphdef, params, bs, closed_form=False)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)), jnp.float32)
+    y = jnp.arange(8) % 10
+
+    def loss(gd):
+        def f(p, b):  # the batch statistics are traced too: train mode updates them
+            logits = nnx.merge(gd, p, b, copy=True)(x, train=True)
+            return jnp.mean(losses.cross_entropy(logits, y))
+        return f
+
+    for gd, has_custom_vjp in ((graphdef, True), (flax_gd, False)):
+        assert ("custom_vjp" in str(jax.make_jaxpr(loss(gd))(params, bs))) \
+            == has_custom_vjp
+    lo, go = jax.value_and_grad(loss(graphdef))(params, bs)
+    lf, gf = jax.value_and_grad(loss(flax_gd))(params, bs)
+    np.testing.assert_allclose(lo, lf, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(go), jax.tree.leaves(gf)):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-4)
+
+
 def test_custom_vjp_batchnorm_float64_exact_and_bfloat16_close():
     from kdprune_jax.models.batchnorm import batch_norm_train
 
@@ -161,72 +187,91 @@ def test_custom_vjp_batchnorm_float64_exact_and_bfloat16_close():
     np.testing.assert_allclose(np.asarray(y16, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
-def test_cpu_default_flags_applied_unless_user_chose():
+def test_cpu_default_option_applied_unless_user_chose():
     from kdprune_jax import cpu_flags
 
-    flag = cpu_flags.YNN_FLAG
-    assert cpu_flags.with_cpu_defaults("", "0.10.2") == flag
-    assert cpu_flags.with_cpu_defaults("--a=1", "0.10.2") == f"--a=1 {flag}"
-    mine = "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"
-    assert cpu_flags.with_cpu_defaults(mine, "0.10.2") == mine  # the user's choice wins
-    # An untested jaxlib gets nothing: an unknown flag would abort XLA at startup.
-    assert cpu_flags.with_cpu_defaults("--a=1", "0.9.0") == "--a=1"
-    env = {"XLA_FLAGS": "--a=1", "KDPRUNE_CPU_DEFAULTS": "0"}
-    assert cpu_flags.apply_cpu_defaults(env) == "--a=1" and env["XLA_FLAGS"] == "--a=1"
+    on = dict(backend="cpu", jaxlib_version="0.10.2")
+    assert cpu_flags.compiler_options(environ={}, **on) == cpu_flags.YNN_ELTWISE
+    assert cpu_flags.compiler_options(environ={"KDPRUNE_CPU_DEFAULTS": "1"}, **on) \
+        == cpu_flags.YNN_ELTWISE
+    assert cpu_flags.compiler_options(environ={"KDPRUNE_CPU_DEFAULTS": "0"}, **on) == {}
+    # The user's own $XLA_FLAGS choice wins; other flags do not matter.
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=eltwise,reduce"}
+    assert cpu_flags.compiler_options(environ=mine, **on) == {}
+    assert cpu_flags.compiler_options(environ={"XLA_FLAGS": "--a=1"}, **on) \
+        == cpu_flags.YNN_ELTWISE
+    # An untested jaxlib (an unknown option fails the compile) and GPU/TPU get nothing.
+    assert cpu_flags.compiler_options(environ={}, backend="cpu", jaxlib_version="0.9.0") == {}
+    assert cpu_flags.compiler_options(environ={}, backend="tpu", jaxlib_version="0.10.2") == {}
+    with pytest.raises(ValueError, match=r"KDPRUNE_CPU_DEFAULTS='off' is invalid; allowed: 0"):
+        cpu_flags.compiler_options(environ={"KDPRUNE_CPU_DEFAULTS": "off"}, **on)
 
 
-_GRADS_CHILD = r"""
-import sys, numpy as np, jax, jax.numpy as jnp
-from flax import nnx
-from kdprune_jax.models import create_model
-if sys.argv[1] == "float64":
-    jax.config.update("jax_enable_x64", True)
-dt = jnp.float64 if sys.argv[1] == "float64" else jnp.float32
-rng = np.random.default_rng(0)
-x, y = rng.standard_normal((32, 32, 32, 3)), rng.integers(0, 10, 32)
-g, p, b = nnx.split(create_model("cifar_resnet8", num_classes=10, dtype=dt), nnx.Param,
-                    nnx.BatchStat)
-def loss(p):
-    lg = nnx.merge(g, p, b, copy=True)(jnp.asarray(x, dt), train=True)
-    true = jnp.take_along_axis(lg, jnp.asarray(y)[:, None], 1)[:, 0]
-    return jnp.mean(jax.nn.logsumexp(lg, -1) - true)
-leaves = jax.tree.leaves(jax.jit(jax.grad(loss))(p))
-np.savez(sys.argv[2], *[np.asarray(v, np.float64) for v in leaves])
-"""
+def _resnet8_grads(dtype, compiler_options):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 32, 32, 3)), rng.integers(0, 10, 32)
+    g, p, b = nnx.split(create_model("cifar_resnet8", num_classes=10, dtype=dtype), nnx.Param,
+                        nnx.BatchStat)
+
+    def loss(p):
+        lg = nnx.merge(g, p, b, copy=True)(jnp.asarray(x, dtype), train=True)
+        true = jnp.take_along_axis(lg, jnp.asarray(y)[:, None], 1)[:, 0]
+        return jnp.mean(jax.nn.logsumexp(lg, -1) - true)
+
+    grads = jax.jit(jax.grad(loss), compiler_options=compiler_options)(p)
+    return [np.asarray(v, np.float64) for v in jax.tree.leaves(grads)]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU flags")
-def test_cpu_default_flags_keep_gradients_within_float32_noise(tmp_path):
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+def test_cpu_default_option_keeps_gradients_within_float32_noise():
     """The YNNPACK elementwise fusions change float32 rounding, not the math. They compute
     a*b + c as two rounded operations (as PyTorch eager does) where XLA's own kernels
     contract it into one fused multiply-add; in the cancellations of the BatchNorm backward
     that shows: a ResNet-8 train-step gradient is ~1e-3 (median relative) from float64 with
-    them, ~1e-6 without. Far from bfloat16's ~1e-2; each setting in its own process (XLA
-    reads its flags once)."""
-    import os
-    import subprocess
-    import sys
-
+    them, ~1e-6 without. Far from bfloat16's ~1e-2."""
     from kdprune_jax import cpu_flags
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    plain = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    runs = {"float64": dict(plain, KDPRUNE_CPU_DEFAULTS="0"),
-            "float32": dict(plain, KDPRUNE_CPU_DEFAULTS="0"),
-            "float32_ynn": dict(plain, XLA_FLAGS=cpu_flags.YNN_FLAG)}
-    grads = {}
-    for name, env in runs.items():
-        out = tmp_path / f"{name}.npz"
-        subprocess.run([sys.executable, "-c", _GRADS_CHILD, name.split("_")[0], str(out)],
-                       env=dict(env, PYTHONPATH=root, JAX_PLATFORMS="cpu"), check=True,
-                       capture_output=True, timeout=600)
-        z = np.load(out)
-        grads[name] = [z[k] for k in z.files]
+    with jax.enable_x64(True):
+        ref = _resnet8_grads(jnp.float64, None)
+    plain = _resnet8_grads(jnp.float32, None)
+    ynn = _resnet8_grads(jnp.float32, cpu_flags.YNN_ELTWISE)
 
-    def rel_errors(name):
-        return np.array([np.abs(a - r).max() / np.abs(r).max()
-                         for a, r in zip(grads[name], grads["float64"])])
+    def rel_errors(grads):
+        return np.array([np.abs(a - r).max() / np.abs(r).max() for a, r in zip(grads, ref)])
 
-    plain32, ynn32 = rel_errors("float32"), rel_errors("float32_ynn")
+    plain32, ynn32 = rel_errors(plain), rel_errors(ynn)
     assert np.median(plain32) < 1e-5
     assert np.median(ynn32) < 5e-3 and np.max(ynn32) < 2e-2
+    assert np.median(ynn32) > 10 * np.median(plain32)  # the option really was applied
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU options")
+def test_ynn_option_is_scoped_to_the_hot_programs():
+    """XLA:CPU (jaxlib 0.10.2) cannot run a YNN elementwise fusion that feeds a LAPACK call
+    (eigh / Cholesky / LU want a column-major operand): with the option, eigh(a + a^T) of a
+    64-wide matrix fails. So the option is per program, never in $XLA_FLAGS: dense-algebra
+    programs (exact influence, the Kronecker preconditioner) run with XLA's kernels."""
+    import os
+
+    from kdprune_jax import autodiff, cpu_flags
+    from kdprune_jax.scoring import head as head_lib
+
+    assert cpu_flags.YNN_OPTION not in os.environ.get("XLA_FLAGS", "")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(256, 65)), jnp.float32)
+    fn = lambda x: jnp.linalg.eigh(x.T @ x + (x.T @ x).T)[0]  # noqa: E731
+    if cpu_flags.compiler_options():  # the jaxlib it was measured with: the bug is real
+        with pytest.raises(Exception, match="unsupported layout in YNN fusion"):
+            jax.block_until_ready(jax.jit(fn, compiler_options=cpu_flags.YNN_ELTWISE)(x))
+    assert np.all(np.isfinite(jax.jit(fn)(x)))
+    # The package's dense solves on >= 64 parameters run (they failed with the global flag).
+    w = {"w": jnp.ones((65,), jnp.float32)}
+    loss = lambda p: jnp.mean(jnp.logaddexp(0.0, -(x @ p["w"]))) + 0.01 * jnp.sum(p["w"] ** 2)  # noqa: E731
+    _, info = jax.jit(lambda p: autodiff.solve_exact(loss, p, p, damping=0.1))(w)
+    assert float(info["residual"]) < 1e-4
+    batch = {"features": x, "label": jnp.zeros((256,), jnp.int32),
+             "teacher_logits": jnp.zeros((256, 10), jnp.float32)}
+    theta = head_lib.init_head(65, 10)
+    out = jax.jit(lambda t, b: head_lib.kronecker_preconditioner(
+        t, b, lam=0.9, temperature=4.0, shift=1e-4)(t))(theta, batch)
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(out))

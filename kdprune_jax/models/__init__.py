@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kdprune_jax.models import torch_import
+from kdprune_jax.models.batchnorm import BatchNorm
 from kdprune_jax.models.resnet import BasicBlock, Bottleneck, CifarResNet, ImageNetResNet
 from kdprune_jax.models.torch_import import load_torch_checkpoint, torch_state_dict_to_nnx
 
@@ -80,5 +81,15 @@ def with_compute_dtype(graphdef, params, batch_stats, dtype):
                              (nnx.Conv, nnx.Linear, nnx.BatchNorm), dtype=dtype)
 
 
+def with_batchnorm_vjp(graphdef, params, batch_stats, *, closed_form: bool):
+    """The graphdef of the same model whose `models.batchnorm.BatchNorm` layers train with
+    our closed-form backward (`closed_form=True`, the default of every model) or with
+    flax.nnx.BatchNorm's own call (False; what benchmarks/kd_step.py compares against).
+    Variables and results are the same up to float32 rounding."""
+    return _with_layer_attrs(graphdef, params, batch_stats, (BatchNorm,),
+                             closed_form_vjp=closed_form)
+
+
 __all__ = ["MODEL_NAMES", "create_model", "load_torch_checkpoint", "register_model",
-           "torch_import", "torch_state_dict_to_nnx", "with_compute_dtype"]
+           "torch_import", "torch_state_dict_to_nnx", "with_batchnorm_vjp",
+           "with_compute_dtype"]

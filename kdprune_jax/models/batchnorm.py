@@ -108,15 +108,19 @@ _batch_norm_train.defvjp(_fwd, _bwd)
 
 class BatchNorm(nnx.BatchNorm):
     """`flax.nnx.BatchNorm` with the training-mode call through `batch_norm_train`
-    (identical variables, running-statistics update and inference mode)."""
+    (identical variables, running-statistics update and inference mode).
+    `closed_form_vjp=False` (set with `models.with_batchnorm_vjp`) runs flax's own call:
+    only to measure what the closed-form backward buys."""
+
+    closed_form_vjp = True  # class default; an instance's setting is static (graphdef)
 
     def __call__(self, x, use_running_average=None, *, mask=None):
         ura = self.use_running_average if use_running_average is None else use_running_average
         # Everything but the plain training call is flax's code, including its error when
         # neither the call nor the constructor says which mode (ura is None).
-        if (ura is None or ura or mask is not None or self.axis_name is not None
-                or self.axis not in (-1, x.ndim - 1) or self.scale is None
-                or self.bias is None or not self.use_fast_variance):
+        if (not self.closed_form_vjp or ura is None or ura or mask is not None
+                or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
+                or self.scale is None or self.bias is None or not self.use_fast_variance):
             return super().__call__(x, use_running_average, mask=mask)
         # As flax's promote_dtype: the layer's dtype, else x promoted with the params'.
         dtype = self.dtype if self.dtype is not None else jnp.promote_types(

@@ -93,3 +93,55 @@ def fit_head(batch, init, *, lam: float, temperature: float, l2: float,
     params, _, k, _ = jax.lax.while_loop(cond, body, (init, opt.init(init), 0, jnp.inf))
     gnorm = optax.tree.norm(jax.grad(fun)(params))
     return params, {"iterations": k, "grad_norm": gnorm}
+
+
+def kronecker_preconditioner(params, batch, *, lam: float, temperature: float, shift: float):
+    """M^-1 for CG on the LINEAR head's Hessian: M = Sx (x) A + shift I, a Kronecker
+    (K-FAC-style) approximation of H = sum_i w_i x_i x_i^T (x) A_i / sum_i w_i + l2 I.
+
+    x_i = [h_i, 1] (features and the bias input); A_i = d^2 l_i / dz^2 =
+    (1 - lam) (diag p_i - p_i p_i^T) + lam (diag q_i - q_i q_i^T), p_i = softmax(z_i),
+    q_i = softmax(z_i / tau) (the tau^2 of the KD term cancels the 1/tau^2 of its Hessian).
+    Sx [D+1, D+1] and A [C, C] are the w-weighted means of x_i x_i^T and A_i; with their
+    eigendecompositions Sx = U diag(s) U^T, A = Q diag(g) Q^T the inverse is exact and
+    cheap: vec(R) -> U ((U^T R Q) / (s g^T + shift)) Q^T, where R [D+1, C] stacks (w; b).
+    H's ill-conditioning comes from correlated features (s spans ~1e5 on ResNet features
+    with l2 = 1e-4); M captures that, so preconditioned CG needs tens of iterations where
+    plain CG needed hundreds and then stalled at float32's residual floor.
+
+    Args:
+      params: the linear head {"w" [D, C], "b" [C]} at which A_i is evaluated.
+      batch: {"features" [N, D], "teacher_logits" [N, C] (when lam > 0), optional
+        "weight" [N]} (the rows may be sharded; only [D+1, D+1] and [C, C] sums leave them).
+      shift: l2 + damping (the part of H + damping I that is a multiple of I).
+    Returns:
+      a function pytree-like-params -> pytree-like-params applying M^-1.
+    """
+    if "w" not in params:
+        raise ValueError("kronecker_preconditioner: linear heads only (params 'w', 'b')")
+    dtype = params["w"].dtype
+    h = batch["features"].astype(dtype)
+    x = jnp.concatenate([h, jnp.ones((h.shape[0], 1), dtype)], axis=1)
+    w = batch.get("weight")
+    w = jnp.ones((h.shape[0],), dtype) if w is None else w.astype(dtype)
+    w = w / jnp.sum(w)
+    z = head_logits(params, batch["features"])
+    p = jax.nn.softmax(z, axis=-1)
+    wx = w[:, None] * x
+    sx = x.T @ wx
+    # sum_i w_i (diag(p_i) - p_i p_i^T) = diag(w^T P) - P^T diag(w) P
+    a = (1.0 - lam) * (jnp.diag(w @ p) - p.T @ (w[:, None] * p))
+    if lam > 0:
+        q = jax.nn.softmax(z / temperature, axis=-1)
+        a = a + lam * (jnp.diag(w @ q) - q.T @ (w[:, None] * q))
+    s, u = jnp.linalg.eigh((sx + sx.T) / 2)
+    g, qv = jnp.linalg.eigh((a + a.T) / 2)
+    # Both factors are PSD; clip rounding negatives so the denominator stays >= shift.
+    denom = jnp.maximum(s, 0)[:, None] * jnp.maximum(g, 0)[None, :] + shift
+
+    def apply(tree):
+        r = jnp.concatenate([tree["w"], tree["b"][None, :]], axis=0).astype(dtype)
+        y = u @ ((u.T @ r @ qv) / denom) @ qv.T
+        return {"w": y[:-1].astype(tree["w"].dtype), "b": y[-1].astype(tree["b"].dtype)}
+
+    return apply

@@ -34,10 +34,12 @@ class SolverError(UserError, RuntimeError):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("train_loss", "val_loss", "solver", "max_iters", "tol", "lissa_scale"),
+    static_argnames=("train_loss", "val_loss", "solver", "max_iters", "tol", "lissa_scale",
+                     "preconditioner"),
 )
 def s_test(train_loss, val_loss, params, train_batch, val_batch, *, solver: str = "cg",
-           damping=0.01, max_iters: int = 100, tol: float = 1e-6, lissa_scale: float = 10.0):
+           damping=0.01, max_iters: int = 100, tol: float = 1e-6, lissa_scale: float = 10.0,
+           preconditioner=None):
     """Solve (H + damping I) s = grad L_V once, inside one jit.
 
     Args:
@@ -45,6 +47,9 @@ def s_test(train_loss, val_loss, params, train_batch, val_batch, *, solver: str 
       val_loss: ``(params, batch) -> scalar`` target loss L_V.
       params: pytree (e.g. only the head, with the rest closed over by the loss functions).
       train_batch / val_batch: pytrees of arrays (sharded or not) fed to the losses.
+      preconditioner: optional ``(params, train_batch) -> (pytree -> pytree)`` building M^-1
+        for CG inside this jit (e.g. `scoring.head.kronecker_preconditioner` with its
+        keywords bound by functools.partial).
     Returns:
       (s_test like params, info dict from `autodiff.inverse_hvp`).
     """
@@ -52,6 +57,7 @@ def s_test(train_loss, val_loss, params, train_batch, val_batch, *, solver: str 
     return autodiff.inverse_hvp(
         lambda p: train_loss(p, train_batch), params, g_val, solver=solver, damping=damping,
         max_iters=max_iters, tol=tol, lissa_scale=lissa_scale,
+        preconditioner=None if preconditioner is None else preconditioner(params, train_batch),
     )
 
 

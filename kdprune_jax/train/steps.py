@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from kdprune_jax import losses, sharding
+from kdprune_jax import cpu_flags, losses, sharding
 from kdprune_jax.scoring.forgetting import update_tracker
 from kdprune_jax.train.state import TrainState
 
@@ -101,6 +101,9 @@ def make_kd_train_step(
         in_shardings=(repl, repl, batch_sh),
         out_shardings=(repl, repl),
         donate_argnums=(0,),
+        # XLA:CPU: YNNPACK elementwise fusions for this program (1.36x, cpu_flags); {} on
+        # GPU/TPU.
+        compiler_options=cpu_flags.compiler_options(),
     )
 
 
@@ -121,4 +124,5 @@ def make_eval_step(graphdef, mesh):
         return {"loss": jnp.sum(ce * m), "correct": jnp.sum(correct * m), "count": jnp.sum(m)}
 
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(eval_step, in_shardings=(repl, repl, batch_sh), out_shardings=repl)
+    return jax.jit(eval_step, in_shardings=(repl, repl, batch_sh), out_shardings=repl,
+                   compiler_options=cpu_flags.compiler_options())
