@@ -37,7 +37,7 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
     """`teacher_init`: import this teacher/ directory (e.g. the one a smaller run of this
     benchmark trained) instead of training one: the full 50,000-image pool then costs only
     the timed stages. `overrides`: "FIELD=VALUE" config overrides of the run (e.g.
-    "policy.cg_preconditioner=none"), to measure one knob against the defaults."""
+    "policy.preconditioner=none"), to measure one knob against the defaults."""
     rows = []
     costs = []
     for _ in range(reps):

@@ -38,12 +38,12 @@ def main(argv=None) -> int:
                     help="ifbeta_cost: import this teacher/ dir instead of training one")
     ap.add_argument("--ifbeta_override", action="append", default=[], metavar="FIELD=VALUE",
                     help="ifbeta_cost: extra --config.FIELD=VALUE for the pipeline run "
-                         "(repeatable), e.g. policy.cg_preconditioner=none to measure a knob")
+                         "(repeatable), e.g. policy.preconditioner=none to measure a knob")
     args = ap.parse_args(argv)
     bad_override = [o for o in args.ifbeta_override if "=" not in o]
     if bad_override:
         print(f"error: --ifbeta_override {bad_override[0]!r} is invalid; allowed: "
-              "FIELD=VALUE, e.g. policy.cg_preconditioner=none", file=sys.stderr)
+              "FIELD=VALUE, e.g. policy.preconditioner=none", file=sys.stderr)
         return 2
     only = [s for s in args.only.split(",") if s]
     bad = [s for s in only if s not in SUITES]

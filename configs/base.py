@@ -132,9 +132,9 @@ def get_config():
         damping=0.0,
         warm_start=True,  # inner solve starts from the previous step's theta*
         cg_warm_start=True,  # hypergradient CG starts from the previous step's solution
-        # CG preconditioner of the head's Hessian: auto (kronecker for the linear head, none
-        # for mlp) | kronecker | none
-        cg_preconditioner="auto",
+        # Kronecker preconditioning of the head's L-BFGS and CG solves: auto (kronecker for the
+        # linear head, none for mlp) | kronecker | none
+        preconditioner="auto",
         check_grad=False,  # compare the implicit gradient with finite differences at init
         reinforce_samples=8,
         grid_values=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0),  # a and b values of the grid search

@@ -96,9 +96,10 @@ class Settings:
     damping: float = 0.0
     warm_start: bool = True  # start each inner solve from the previous theta*
     cg_warm_start: bool = True  # start each CG solve from the previous step's solution
-    # auto | kronecker | none: CG preconditioner (auto = kronecker for the linear head,
-    # none for the mlp head; see scoring.head.kronecker_preconditioner).
-    cg_preconditioner: str = "auto"
+    # auto | kronecker | none: Kronecker preconditioning of the inner L-BFGS (whitened
+    # coordinates) and of the CG (auto = kronecker for the linear head, none for the mlp
+    # head; see scoring.head.kronecker_factors).
+    preconditioner: str = "auto"
     head: str = "linear"  # linear | mlp (see scoring.head.init_head)
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
@@ -113,17 +114,17 @@ class PolicyState:
     cg_solution: dict  # last (H + damping I)^-1 dL_out/dtheta, like theta (CG warm start)
 
 
-CG_PRECONDITIONERS = ("auto", "kronecker", "none")
+PRECONDITIONERS = ("auto", "kronecker", "none")
 
 
-def uses_kronecker_preconditioner(cg_preconditioner: str, head: str) -> bool:
-    """Whether the CG solves on the head precondition with its Kronecker factors: always
+def uses_kronecker_preconditioner(preconditioner: str, head: str) -> bool:
+    """Whether the head's solves (L-BFGS, CG) precondition with its Kronecker factors: always
     for `kronecker` (linear heads only: config_checks rejects it with mlp), for `auto` when
     the head is linear."""
-    if cg_preconditioner not in CG_PRECONDITIONERS:
-        raise ValueError(f"unknown cg_preconditioner {cg_preconditioner!r}; allowed: "
-                         f"{', '.join(CG_PRECONDITIONERS)}")
-    return cg_preconditioner == "kronecker" or (cg_preconditioner == "auto"
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"unknown preconditioner {preconditioner!r}; allowed: "
+                         f"{', '.join(PRECONDITIONERS)}")
+    return preconditioner == "kronecker" or (preconditioner == "auto"
                                                 and head == "linear")
 
 
@@ -152,9 +153,16 @@ def outer_loss(theta, batch, s: Settings):
 def inner_solve(phi, theta0, prob: Problem, s: Settings):
     """theta*(pi(phi)) by L-BFGS from theta0. Returns (theta, pi, info)."""
     pi = _pi(phi, prob, s)
-    theta, info = head_lib.fit_head({**prob.train, "weight": pi}, theta0, lam=s.lam,
-                                    temperature=s.temperature, l2=s.l2,
-                                    max_iters=s.inner_max_iters, tol=s.inner_tol)
+    batch = {**prob.train, "weight": pi}
+    whitening = None
+    if uses_kronecker_preconditioner(s.preconditioner, s.head):
+        # Factors at the starting point (the previous step's theta* when warm-started):
+        # L-BFGS then runs in coordinates where the objective's Hessian is close to I.
+        whitening = head_lib.kronecker_factors(theta0, batch, lam=s.lam,
+                                               temperature=s.temperature, shift=s.l2)
+    theta, info = head_lib.fit_head(batch, theta0, lam=s.lam, temperature=s.temperature,
+                                    l2=s.l2, max_iters=s.inner_max_iters, tol=s.inner_tol,
+                                    whitening=whitening)
     return theta, pi, info
 
 
@@ -165,7 +173,7 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
     g_out = jax.grad(outer_loss)(theta, prob.val, s)
     pi = _pi(phi, prob, s)
     precond = None
-    if uses_kronecker_preconditioner(s.cg_preconditioner, s.head):
+    if uses_kronecker_preconditioner(s.preconditioner, s.head):
         # Factors at this step's (theta*, pi): [D+1, D+1] and [C, C] sums over the sharded
         # pool rows (cheaper than one HVP), then two small eigendecompositions.
         precond = head_lib.kronecker_preconditioner(

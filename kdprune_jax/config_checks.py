@@ -128,11 +128,11 @@ def _check_scoring(config, n_dev) -> None:
     if ib.feature_dtype not in ("float32", "float16", "bfloat16"):
         raise ConfigError("ifbeta.feature_dtype", ib.feature_dtype,
                           "float32, float16, bfloat16")
-    if po.cg_preconditioner not in ("auto", "kronecker", "none"):
-        raise ConfigError("policy.cg_preconditioner", po.cg_preconditioner,
+    if po.preconditioner not in ("auto", "kronecker", "none"):
+        raise ConfigError("policy.preconditioner", po.preconditioner,
                           "auto, kronecker, none")
-    if po.cg_preconditioner == "kronecker" and ib.head != "linear":
-        raise ConfigError("policy.cg_preconditioner", po.cg_preconditioner,
+    if po.preconditioner == "kronecker" and ib.head != "linear":
+        raise ConfigError("policy.preconditioner", po.preconditioner,
                           f"auto or none with ifbeta.head={ib.head} (the Kronecker "
                           "preconditioner is for the linear head)")
     if not isinstance(po.cg_warm_start, bool):

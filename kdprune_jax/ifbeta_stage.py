@@ -233,12 +233,16 @@ def build_problem(config, ds, feats, logits, log):
     val1, val2 = _rows(feats, logits, labels, v1), _rows(feats, logits, labels, v2)
     lam, tau, l2 = ib.kd_weight, ib.temperature, ib.l2
     theta0 = init_theta(config, feats.shape[1], ds.train.num_classes)
+    kron = bilevel.uses_kronecker_preconditioner(config.policy.preconditioner, ib.head)
+    whitening = (head_lib.kronecker_factors(theta0, train, lam=lam, temperature=tau, shift=l2)
+                 if kron else None)
     theta, info = head_lib.fit_head(train, theta0, lam=lam, temperature=tau, l2=l2,
-                                    max_iters=config.policy.inner_max_iters * 5, tol=1e-6)
+                                    max_iters=config.policy.inner_max_iters * 5, tol=1e-6,
+                                    whitening=whitening)
     obj = lambda p, b: head_lib.head_objective(p, b, lam=lam, temperature=tau, l2=l2)  # noqa: E731
     val_obj = lambda p, b: jnp.mean(head_lib.head_losses(p, b, lam=lam, temperature=tau))  # noqa: E731
     precond = None
-    if bilevel.uses_kronecker_preconditioner(config.policy.cg_preconditioner, ib.head):
+    if kron:
         precond = functools.partial(head_lib.kronecker_preconditioner, lam=lam,
                                     temperature=tau, shift=l2 + ib.damping)
     s, sinfo = scoring.s_test(obj, val_obj, theta, train, val1, solver=ib.influence_solver,
@@ -273,7 +277,7 @@ def settings(config, num_classes) -> bilevel.Settings:
         inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
         warm_start=p.warm_start, cg_warm_start=p.cg_warm_start,
-        cg_preconditioner=p.cg_preconditioner, head=ib.head,
+        preconditioner=p.preconditioner, head=ib.head,
         mlp_hidden=ib.mlp_hidden, seed=config.seed)
 
 
