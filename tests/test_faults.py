@@ -11,10 +11,16 @@ Three uninterrupted reference runs (smoke configs), computed once per module on 
 `el2n` (teacher, 2 proxies, scoring, select, student, eval), `ifbeta` (teacher, features,
 influence ranks, policy learning, draw, student, eval) and `views` (teacher, random select,
 the cached-teacher pass over 2 views per kept example, student, eval).
+
+A kill test's workdir starts with copies of the reference run's artifacts of the stages
+BEFORE the killed one (`SEED`), so the killed run starts at that stage instead of
+recomputing everything up to it (which the earlier kill points cover). The rerun must still
+reach the reference answer bitwise, so a copied artifact cannot hide a difference.
 """
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -32,6 +38,24 @@ REFS = {
 # 684-image subset, batch 64) and checkpoint every 10 steps (plus the last step).
 STEPS = 21
 
+# Reference artifacts copied into a kill test's workdir before the killed run: the finished
+# stages before its kill point ((reference, kill point) -> relative paths).
+_TEACHER = ["teacher", "teacher_eval.json"]
+_SCORED = _TEACHER + ["proxies", "scores"]
+SEED = {
+    ("el2n", "proxy1:12"): _TEACHER,
+    ("el2n", "proxies:done"): _TEACHER,
+    ("el2n", "scores:batch1"): _TEACHER + ["proxies"],
+    ("el2n", "select:write"): _SCORED,
+    ("el2n", "select:written"): _SCORED,
+    ("el2n", "student:13"): _SCORED + ["subset.json"],
+    ("el2n", "eval:test"): _SCORED + ["subset.json", "student"],
+    ("el2n", "eval:write"): _SCORED + ["subset.json", "student"],
+    ("ifbeta", "features:batch2"): _TEACHER,
+    ("ifbeta", "policy:step2"): _TEACHER + ["features"],
+    ("ifbeta", "select:write"): _TEACHER + ["features", "ifbeta"],
+    ("views", "teacher_views:write"): _TEACHER + ["subset.json"],
+}
 # (reference, kill point, paths that exist after the kill, paths that must not,
 #  lines the rerun prints: what it resumed from / reused / recomputed)
 POINTS = [
@@ -108,7 +132,8 @@ def _answer(workdir) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """reference(name) -> the uninterrupted run's answer (each run at most once)."""
+    """reference(name) -> (the uninterrupted run's answer, its workdir); each run at most
+    once."""
     cache = {}
 
     def get(name):
@@ -116,7 +141,7 @@ def reference(tmp_path_factory):
             workdir = tmp_path_factory.mktemp(f"ref_{name}") / "run"
             p = _cli(workdir, name)
             assert p.returncode == 0, p.stderr[-3000:]
-            cache[name] = _answer(workdir)
+            cache[name] = (_answer(workdir), workdir)
         return cache[name]
 
     return get
@@ -127,8 +152,12 @@ def reference(tmp_path_factory):
                          ids=[f"{r}-{p}" for r, p, *_ in POINTS])
 def test_kill_then_rerun_equals_uninterrupted(reference, tmp_path, ref, point, exists,
                                               absent, rerun_says):
-    want = reference(ref)
+    want, ref_dir = reference(ref)
     workdir = tmp_path / "run"
+    for rel in SEED.get((ref, point), []):
+        copy = shutil.copytree if (ref_dir / rel).is_dir() else shutil.copy2
+        os.makedirs((workdir / rel).parent, exist_ok=True)
+        copy(ref_dir / rel, workdir / rel)
     killed = _cli(workdir, ref, env={"KDPRUNE_KILL_AT": point})
     assert killed.returncode == -9, killed.stderr[-3000:]
     # It died at THIS point (the line faults.py prints right before the SIGKILL) ...

@@ -137,6 +137,10 @@ def test_imagenet_ifbeta_smoke_on_tfds_mock(tmp_path):
         r = pipeline.run(config, str(tmp_path))
     assert r["subset"]["method"] == "ifbeta"
     assert r["student"]["test"]["count"] == 96
+    # A fresh inner solve at init and at the learned policy (1000 classes, 4 present: the
+    # softmax-curvature factor has 999 equal eigenvalues; float32 eigh gave NaN there once).
+    assert np.isfinite(r["policy"]["outer_at_init"]), r["policy"]
+    assert np.isfinite(r["policy"]["outer_at_learned"]), r["policy"]
 
 
 def test_mlp_head_option(ifbeta_run, tmp_path):
