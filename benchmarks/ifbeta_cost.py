@@ -76,7 +76,9 @@ def run(max_per_class: int = 1000, teacher_epochs: int = 2,
     inner = [int(m["inner_iters"]) for m in res["policy_history"] if "inner_iters" in m]
     solver = (f"; {len(res['policy_history'])} outer steps, CG iterations per step median "
               f"{int(np.median(cg))} (range {min(cg)}-{max(cg)}), inner L-BFGS median "
-              f"{int(np.median(inner))}" if cg else "")
+              f"{int(np.median(inner))}, preconditioner fallbacks "
+              f"{sum(int(m.get('preconditioner_fallback', 0)) for m in res['policy_history'])}"
+              if cg else "")
     rows.append(Row(
         workload=(f"IF-Beta selection cost, CIFAR-10 {n_pool} pool images, ResNet-56 "
                   f"features -> policy (a {res['policy']['a']:.2f}, b {res['policy']['b']:.2f})"),

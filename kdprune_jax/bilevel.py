@@ -172,16 +172,19 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
     Returns (grad [2], cg_info, v)."""
     g_out = jax.grad(outer_loss)(theta, prob.val, s)
     pi = _pi(phi, prob, s)
-    precond = None
+    precond, fallback = None, jnp.zeros((), jnp.int32)
     if uses_kronecker_preconditioner(s.preconditioner, s.head):
         # Factors at this step's (theta*, pi): [D+1, D+1] and [C, C] sums over the sharded
         # pool rows (cheaper than one HVP), then two small eigendecompositions.
-        precond = head_lib.kronecker_preconditioner(
+        factors = head_lib.kronecker_factors(
             theta, {**prob.train, "weight": pi}, lam=s.lam, temperature=s.temperature,
             shift=s.l2 + s.damping)
+        precond = functools.partial(head_lib.kronecker_inverse, factors)
+        fallback = factors["fallback"]
     v, cg_info = autodiff.solve_cg(lambda th: _inner_objective(th, pi, prob.train, s), theta,
                                    g_out, damping=s.damping, max_iters=s.cg_max_iters,
                                    tol=s.cg_tol, x0=v0, preconditioner=precond)
+    cg_info = {**cg_info, "preconditioner_fallback": fallback}
 
     def grad_theta_of_phi(ph):
         return jax.grad(_inner_objective)(theta, _pi(ph, prob, s), prob.train, s)
@@ -202,8 +205,8 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
 
     ``step(state, problem) -> (state, metrics)``; metrics: a, b, outer (V1 objective at the
     step's theta*), heldout (V2), inner_grad_norm, inner_iters, cg_residual, cg_iters,
-    grad_norm. The problem's pool rows are sharded on "data"; the policy state is
-    replicated and donated.
+    preconditioner_fallback, grad_norm. The problem's pool rows are sharded on "data"; the
+    policy state is replicated and donated.
     """
 
     def step(state: PolicyState, prob: Problem):
@@ -220,6 +223,8 @@ def make_outer_step(s: Settings, tx: optax.GradientTransformation, mesh):
             "heldout": outer_loss(theta, prob.val2, s),
             "inner_grad_norm": info["grad_norm"], "inner_iters": info["iterations"],
             "cg_residual": cg_info["residual"], "cg_iters": cg_info["iterations"],
+            # 1 = a Kronecker factor was not finite and the identity stood in (head.py)
+            "preconditioner_fallback": cg_info["preconditioner_fallback"],
             "grad_norm": jnp.linalg.norm(d_phi),
         }
         return PolicyState(phi, opt_state, theta, state.step + 1, v), metrics

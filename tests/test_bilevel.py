@@ -154,6 +154,36 @@ def test_kronecker_preconditioner_inverts_the_head_hessian_when_its_factors_are_
         assert np.linalg.cond(np.asarray(h)) > 1e3  # a system where it matters
 
 
+def test_kronecker_whitening_round_trip_fallback_and_zero_shift(monkeypatch):
+    prob = _problem(feature_scales=np.logspace(-2, 1, 5))
+    batch = {**prob.train, "weight": (prob.segment < 3).astype(jnp.float32)}
+    rng = np.random.default_rng(2)
+    theta = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+             "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    f = head_lib.kronecker_factors(theta, batch, lam=0.5, temperature=2.0, shift=1e-2)
+    back = head_lib.kronecker_unwhiten(f, head_lib.kronecker_whiten(f, theta), theta)
+    for k in theta:
+        np.testing.assert_allclose(back[k], theta[k], rtol=1e-4, atol=1e-5)
+    assert int(f["fallback"]) == 0
+    # l2 = damping = 0: A's zero eigenvalue must not make M singular.
+    f0 = head_lib.kronecker_factors(theta, batch, lam=0.5, temperature=2.0, shift=0.0)
+    assert float(jnp.min(f0["denom"])) > 0
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(
+        head_lib.kronecker_inverse(f0, theta)))
+    # A non-finite eigendecomposition: identity factors stand in, and it is reported.
+    real_eigh = jax.lax.linalg.eigh
+
+    def nan_eigh(a, **kw):
+        v, w = real_eigh(a, **kw)
+        return (v * jnp.nan, w) if a.shape[0] == 3 else (v, w)  # the [C, C] factor
+
+    monkeypatch.setattr(jax.lax.linalg, "eigh", nan_eigh)
+    fb = head_lib.kronecker_factors(theta, batch, lam=0.5, temperature=2.0, shift=1e-2)
+    assert int(fb["fallback"]) == 1
+    np.testing.assert_array_equal(fb["q"], np.eye(3))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(fb))
+
+
 def test_kronecker_preconditioning_changes_iterations_not_the_policy():
     # Correlated features spread over 2 decades and a small l2. In float64 and tight
     # tolerances, so both runs are converged and may only differ by rounding. (At 4 decades

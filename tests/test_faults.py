@@ -14,8 +14,10 @@ the cached-teacher pass over 2 views per kept example, student, eval).
 
 A kill test's workdir starts with copies of the reference run's artifacts of the stages
 BEFORE the killed one (`SEED`), so the killed run starts at that stage instead of
-recomputing everything up to it (which the earlier kill points cover). The rerun must still
-reach the reference answer bitwise, so a copied artifact cannot hide a difference.
+recomputing everything up to it. What such a test checks is the kill at its point, the
+resume from it, and that the stages from there on reach the reference answer bitwise; the
+copied stages are compared with themselves (their own reproducibility is checked by the
+kill points inside them, which copy nothing of their own stage, and by the reference).
 """
 
 import json

@@ -271,7 +271,24 @@ def test_ynn_option_is_scoped_to_the_hot_programs():
     assert float(info["residual"]) < 1e-4
     batch = {"features": x, "label": jnp.zeros((256,), jnp.int32),
              "teacher_logits": jnp.zeros((256, 10), jnp.float32)}
-    theta = head_lib.init_head(65, 10)
-    out = jax.jit(lambda t, b: head_lib.kronecker_preconditioner(
-        t, b, lam=0.9, temperature=4.0, shift=1e-4)(t))(theta, batch)
-    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(out))
+    theta = {"w": jnp.asarray(rng.normal(size=(65, 10)) * 0.1, jnp.float32),
+             "b": jnp.zeros((10,), jnp.float32)}
+    r = {"w": jnp.asarray(rng.normal(size=(65, 10)), jnp.float32),
+         "b": jnp.asarray(rng.normal(size=(10,)), jnp.float32)}
+    f, y = jax.jit(lambda t, b, r: (lambda f: (f, head_lib.kronecker_inverse(f, r)))(
+        head_lib.kronecker_factors(t, b, lam=0.9, temperature=4.0, shift=1e-2)))(
+        theta, batch, r)
+    assert int(f["fallback"]) == 0
+    # M y == r with M = Sx (x) A + shift I built densely from the same batch.
+    xa = np.c_[np.asarray(x, np.float64), np.ones(256)]
+    z = xa @ np.r_[np.asarray(theta["w"]), np.asarray(theta["b"])[None]]
+    a = np.zeros((10, 10))
+    for t in (1.0, 4.0):
+        p = np.exp(z / t - (z / t).max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        wt = 0.1 if t == 1.0 else 0.9
+        a += wt * (np.diag(p.mean(0)) - p.T @ p / 256)
+    ym = np.r_[np.asarray(y["w"], np.float64), np.asarray(y["b"], np.float64)[None]]
+    rm = np.r_[np.asarray(r["w"]), np.asarray(r["b"])[None]]
+    np.testing.assert_allclose((xa.T @ xa / 256) @ ym @ a + 1e-2 * ym, rm, rtol=2e-3,
+                               atol=2e-3 * np.abs(rm).max())

@@ -140,7 +140,8 @@ def kronecker_factors(params, batch, *, lam: float, temperature: float, shift: f
         "weight" [N]} (rows may be sharded; only [D+1, D+1] and [C, C] sums leave them).
       shift: the multiple of I in the matrix to approximate (l2, or l2 + damping).
     Returns:
-      {"u" [D+1, D+1], "q" [C, C], "denom" [D+1, C] = s g^T + shift}.
+      {"u" [D+1, D+1], "q" [C, C], "denom" [D+1, C] = s g^T + shift, "fallback" int []: 1
+      when a factor's eigendecomposition was not finite and the identity replaced it}.
     """
     if "w" not in params:
         raise ValueError("kronecker_factors: linear heads only (params 'w', 'b')")
@@ -161,16 +162,24 @@ def kronecker_factors(params, batch, *, lam: float, temperature: float, shift: f
     # Both are symmetric by construction: eigh reads one triangle (no symmetrizing pass).
     u, s = jax.lax.linalg.eigh(sx, symmetrize_input=False)  # (eigenvectors, eigenvalues)
     qv, g = jax.lax.linalg.eigh(a, symmetrize_input=False)
-    # Both factors are PSD; clip rounding negatives so the denominator stays >= shift.
-    denom = jnp.maximum(s, 0)[:, None] * jnp.maximum(g, 0)[None, :] + shift
     # float32 LAPACK eigh returned NaN eigenvectors for A in one compiled program and not in
     # another (ImageNet-mock smoke: 1000 classes, 4 present, so 999 equal eigenvalues). A
-    # preconditioner only has to be SPD: then fall back to none (identity factors) rather
-    # than poison the solve; the solves stay exact, only slower.
-    ok = (jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(qv)) & jnp.all(jnp.isfinite(denom)))
-    return {"u": jnp.where(ok, u, jnp.eye(u.shape[0], dtype=u.dtype)),
-            "q": jnp.where(ok, qv, jnp.eye(qv.shape[0], dtype=qv.dtype)),
-            "denom": jnp.where(ok, denom, jnp.ones_like(denom))}
+    # preconditioner only has to be SPD, so a factor whose decomposition is not finite is
+    # replaced by the identity (the other one still preconditions; the solves stay exact,
+    # only slower) and "fallback" records it (the policy reports it per outer step).
+    ok_x = jnp.all(jnp.isfinite(u)) & jnp.all(jnp.isfinite(s))
+    ok_a = jnp.all(jnp.isfinite(qv)) & jnp.all(jnp.isfinite(g))
+    u = jnp.where(ok_x, u, jnp.eye(u.shape[0], dtype=dtype))
+    s = jnp.where(ok_x, s, jnp.ones_like(s))
+    qv = jnp.where(ok_a, qv, jnp.eye(qv.shape[0], dtype=dtype))
+    g = jnp.where(ok_a, g, jnp.ones_like(g))
+    # Both factors are PSD; clip rounding negatives. A always has a zero eigenvalue (adding a
+    # constant to every logit changes nothing), so with shift = 0 (l2 = damping = 0) denom
+    # would be 0 there: keep it >= eps * max so M stays invertible.
+    denom = jnp.maximum(s, 0)[:, None] * jnp.maximum(g, 0)[None, :] + shift
+    denom = jnp.maximum(denom, jnp.finfo(dtype).eps * jnp.max(denom))
+    return {"u": u, "q": qv, "denom": denom,
+            "fallback": (~(ok_x & ok_a)).astype(jnp.int32)}
 
 
 def _stack(tree):
@@ -204,7 +213,6 @@ def kronecker_unwhiten(factors, phi, like):
 def kronecker_preconditioner(params, batch, *, lam: float, temperature: float, shift: float):
     """M^-1 for CG on the linear head's Hessian (`kronecker_factors` at params, batch):
     a function pytree-like-params -> pytree-like-params. Preconditioned CG needs tens of
-    iterations where plain CG needed hundreds and then stalled at float32's residual floor
-    (benchmarks/ifbeta_cost.py reports the iterations)."""
+    iterations where plain CG needed hundreds (benchmarks/ifbeta_cost.py reports them)."""
     factors = kronecker_factors(params, batch, lam=lam, temperature=temperature, shift=shift)
     return functools.partial(kronecker_inverse, factors)
