@@ -6,7 +6,14 @@ examples (as the score stage's `batch_pass` does). Ours is reported with the bat
 vmap (the pipeline's default, score.grand_chunk_size=0) and in unrolled chunks of
 `chunk_size` (grand_scores' default); the lax.map formulation this replaced is measured on
 one batch for the record. The two score vectors are also compared (same
-weights, converted with `torch_import`), so the figure is for the same computation."""
+weights, converted with `torch_import`), so the figure is for the same computation.
+
+A last row bounds what any GraNd method can reach here: ONE gradient of the batch's mean
+loss per batch (a batched forward + backward, no per-example anything), ours vs PyTorch on
+the same batches. Per-example norms need at least that work (the forward, the input
+cotangents, and every weight gradient's FLOPs, per example instead of summed), so a method
+built on one batched backward (per-layer norms from captured activations and cotangents)
+is bounded by our side of that row."""
 
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from benchmarks.common import Row, timed, xla_flops
 
 
 def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 5,
-        model_name="cifar_resnet20", lax_map_too: bool = True):
+        model_name="cifar_resnet20", lax_map_too: bool = True, bound_too: bool = True):
     import jax
     import jax.numpy as jnp
     import torch
@@ -99,6 +106,11 @@ def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 
     ref_scores = torch_scores().numpy()
     med_t, times_t = timed(torch_scores, reps=reps, warmup=0)
     rows = []
+    bound = None
+    if bound_too:
+        bound = (_batched_gradient_bound(
+            measure, batch, per_example_loss, net, tparams, buffers, xt, yt, n=n,
+            batch_size=batch_size, reps=reps, model_name=model_name, torch_func_rate=n / med_t))
     for label, (m, (scores, compile_s, flops, med, times)) in variants.items():
         ref = ref_scores[:m]
         rel = float(np.max(np.abs(scores - ref) / np.maximum(np.abs(ref), 1e-6)))
@@ -111,4 +123,48 @@ def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 
             ref_spread=(n / max(times_t), n / min(times_t)), compile_seconds=compile_s,
             flops=flops, achieved_gflops=flops / med / 1e9 if flops else None,
             notes=f"max relative difference of the scores {rel:.1e}"))
-    return rows
+    return rows + ([bound] if bound else [])
+
+
+def _batched_gradient_bound(measure, batch, per_example_loss, net, tparams, buffers,
+                            xt, yt, *, n, batch_size, reps, model_name, torch_func_rate):
+    """One mean-loss gradient per batch, ours vs PyTorch, reported as a Row (see module
+    docstring). Ours returns the gradient's global norm per batch so that nothing but the
+    gradient is computed; PyTorch's backward runs on the same weights and batches."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    from torch.func import functional_call
+
+    def batch_grad_norm(p, b):  # the mean of the per-example losses: one backward
+        def mean_loss(p):
+            return jnp.mean(jax.vmap(per_example_loss, in_axes=(None, 0))(p, b))
+        return optax.tree.norm(jax.grad(mean_loss)(p))[None]
+
+    norms, compile_s, flops, med, times = measure(batch_grad_norm, batch)
+
+    def torch_batched():
+        out = []
+        for s in range(0, n, batch_size):
+            p = {k: v.detach().requires_grad_(True) for k, v in tparams.items()}
+            logits = functional_call(net, (p, buffers), (xt[s:s + batch_size],))
+            loss = torch.nn.functional.cross_entropy(logits, yt[s:s + batch_size])
+            g = torch.autograd.grad(loss, list(p.values()))
+            out.append(torch.sqrt(sum((v ** 2).sum() for v in g)).item())
+        return np.array(out)
+
+    ref_norms = torch_batched()
+    rel = float(np.max(np.abs(norms - ref_norms) / np.abs(ref_norms)))
+    med_t, times_t = timed(torch_batched, reps=reps, warmup=0)
+    return Row(
+        workload=f"GraNd bound: {model_name} batched gradient, {n} examples", unit="ex/s",
+        ours=n / med, ours_label=f"one mean-loss jax.grad per batch of {batch_size}",
+        ref=n / med_t, ref_label="PyTorch autograd, the same batches", reps=reps,
+        ours_spread=(n / max(times), n / min(times)),
+        ref_spread=(n / max(times_t), n / min(times_t)), compile_seconds=compile_s,
+        flops=flops, achieved_gflops=flops / med / 1e9 if flops else None,
+        notes=(f"max relative difference of the batch-gradient norms {rel:.1e}; "
+               f"not per-example: an upper bound for any GraNd method on each side; "
+               f"ours = {n / med / torch_func_rate:.2f}x torch.func's per-example rate "
+               f"({torch_func_rate:.0f} ex/s), whose 2x target is {2 * torch_func_rate:.0f}"))

@@ -104,6 +104,11 @@ class Settings:
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
 
+    @property
+    def kronecker(self) -> bool:
+        """Whether the head's solves (L-BFGS, CG) precondition with its Kronecker factors."""
+        return uses_kronecker_preconditioner(self.preconditioner, self.head)
+
 
 @flax.struct.dataclass
 class PolicyState:
@@ -153,17 +158,21 @@ def outer_loss(theta, batch, s: Settings):
 def inner_solve(phi, theta0, prob: Problem, s: Settings):
     """theta*(pi(phi)) by L-BFGS from theta0. Returns (theta, pi, info)."""
     pi = _pi(phi, prob, s)
-    batch = {**prob.train, "weight": pi}
+    theta, info = _fit_inner({**prob.train, "weight": pi}, theta0, s)
+    return theta, pi, info
+
+
+def _fit_inner(batch, theta0, s: Settings):
+    """The weighted head fit by L-BFGS from theta0. With `s.kronecker`, L-BFGS runs in
+    coordinates whitened by the Kronecker factors at the starting point (the previous
+    step's theta* when warm-started), where the objective's Hessian is close to I."""
     whitening = None
-    if uses_kronecker_preconditioner(s.preconditioner, s.head):
-        # Factors at the starting point (the previous step's theta* when warm-started):
-        # L-BFGS then runs in coordinates where the objective's Hessian is close to I.
+    if s.kronecker:
         whitening = head_lib.kronecker_factors(theta0, batch, lam=s.lam,
                                                temperature=s.temperature, shift=s.l2)
-    theta, info = head_lib.fit_head(batch, theta0, lam=s.lam, temperature=s.temperature,
-                                    l2=s.l2, max_iters=s.inner_max_iters, tol=s.inner_tol,
-                                    whitening=whitening)
-    return theta, pi, info
+    return head_lib.fit_head(batch, theta0, lam=s.lam, temperature=s.temperature, l2=s.l2,
+                             max_iters=s.inner_max_iters, tol=s.inner_tol,
+                             whitening=whitening)
 
 
 def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
@@ -173,7 +182,7 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
     g_out = jax.grad(outer_loss)(theta, prob.val, s)
     pi = _pi(phi, prob, s)
     precond, fallback = None, jnp.zeros((), jnp.int32)
-    if uses_kronecker_preconditioner(s.preconditioner, s.head):
+    if s.kronecker:
         # Factors at this step's (theta*, pi): [D+1, D+1] and [C, C] sums over the sharded
         # pool rows (cheaper than one HVP), then two small eigendecompositions.
         factors = head_lib.kronecker_factors(
@@ -283,9 +292,7 @@ def reinforce_grad(phi, prob: Problem, s: Settings, key, num_samples: int = 8):
 
     def sample(k):
         m = jax.random.bernoulli(k, pi).astype(pi.dtype)
-        theta, _ = head_lib.fit_head({**prob.train, "weight": m + 1e-6}, theta0, lam=s.lam,
-                                     temperature=s.temperature, l2=s.l2,
-                                     max_iters=s.inner_max_iters, tol=s.inner_tol)
+        theta, _ = _fit_inner({**prob.train, "weight": m + 1e-6}, theta0, s)
         return m, outer_loss(theta, prob.val, s)
 
     masks, rewards = jax.lax.map(sample, keys)

@@ -233,7 +233,7 @@ def build_problem(config, ds, feats, logits, log):
     val1, val2 = _rows(feats, logits, labels, v1), _rows(feats, logits, labels, v2)
     lam, tau, l2 = ib.kd_weight, ib.temperature, ib.l2
     theta0 = init_theta(config, feats.shape[1], ds.train.num_classes)
-    kron = bilevel.uses_kronecker_preconditioner(config.policy.preconditioner, ib.head)
+    kron = settings(config, ds.train.num_classes).kronecker
     whitening = (head_lib.kronecker_factors(theta0, train, lam=lam, temperature=tau, shift=l2)
                  if kron else None)
     theta, info = head_lib.fit_head(train, theta0, lam=lam, temperature=tau, l2=l2,
