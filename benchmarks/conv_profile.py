@@ -26,6 +26,8 @@ def _jax_fns(h, cin, cout, stride, k, batch):
     import jax
     import jax.numpy as jnp
 
+    from kdprune_jax import cpu_flags
+
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, h, h, cin)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)), jnp.float32)
@@ -36,8 +38,11 @@ def _jax_fns(h, cin, cout, stride, k, batch):
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     g = jnp.ones_like(conv(x, w))
-    fwd = jax.jit(conv)
-    bwd = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g))
+    # The train step's XLA:CPU options (train/steps.py passes the same), so these programs
+    # are compiled as the step's convolutions are.
+    opts = cpu_flags.compiler_options()
+    fwd = jax.jit(conv, compiler_options=opts)
+    bwd = jax.jit(lambda x, w, g: jax.vjp(conv, x, w)[1](g), compiler_options=opts)
     return (lambda: fwd(x, w)), (lambda: bwd(x, w, g))
 
 

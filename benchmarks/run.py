@@ -54,10 +54,9 @@ def main(argv=None) -> int:
 
     # Our side runs with the XLA:CPU defaults of the package: per-program compiler options
     # (kdprune_jax.cpu_flags) inside the train steps and scoring passes (kd_step, ifbeta_cost,
-    # cached_teacher); grand passes them as the score stage does; influence, scaling and
-    # conv_profile jit programs that run without them in the package too (CG / dense
-    # algebra, single convolutions). Their README rows were measured when the option was
-    # process-wide (before 2026-11-25 session 5).
+    # cached_teacher); grand passes them as the score stage does and conv_profile as the
+    # train step does; influence and scaling jit programs that run without them in the
+    # package too (CG / dense algebra).
     reps = 5  # the median of >= 5 repetitions, always
     rows: list[common.Row] = []
     t0 = time.perf_counter()
