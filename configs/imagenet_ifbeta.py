@@ -31,15 +31,16 @@ def get_config(arg: str = ""):
         if arg == "smoke":
             c.policy.max_steps = 3
             c.score.batch_size = 16
-            # A 256-feature x 4-class head on 86 random mock images is nearly singular at
-            # mu = 1e-4 (CG ran out of its 300 iterations at residual 0.27); damping 1e-2
-            # (influence and policy CG) bounds its condition number so the smoke run converges.
+            # The smoke head is (256 features + bias) x 1000 classes, 4 of them present, on
+            # 88 random mock pool images: nearly singular at mu = 1e-4 (CG ran out of its
+            # 300 iterations at residual 0.27); damping 1e-2 (influence and policy CG)
+            # bounds its condition number so the smoke run converges.
             c.ifbeta.damping = c.policy.damping = 1e-2
-            # The head there is 257 x 1000 on 88 rows: every L-BFGS iteration costs the
-            # Kronecker whitening's [257, 1000] x [1000, 1000] rotations (more than the
-            # objective), on each of the 8 simulated test devices. The inner fits never reach
-            # inner_tol on this random problem anyway, so the smoke run caps them low
-            # (proxy fit: 5x this); it checks the wiring, not convergence.
+            # Every L-BFGS iteration there costs the Kronecker whitening's [257, 1000] x
+            # [1000, 1000] rotations (more than the objective), on each of the 8 simulated
+            # test devices, and the inner fits ran into the 200-iteration cap at every outer
+            # step anyway (policy.json history), so the smoke run caps them low (proxy fit:
+            # 5x this): it checks the wiring, not convergence.
             c.policy.inner_max_iters = 40
     c.lock()
     return c
