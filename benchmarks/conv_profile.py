@@ -11,6 +11,9 @@ Each figure: median of >= 5 calls after warm-up.
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import numpy as np
 
 from benchmarks.common import Row, timed
@@ -90,10 +93,14 @@ def _kernel_grad_as_gemm(h, cin, cout, k, batch):
     """The kernel gradient of a stride-1 'same' convolution written as matrix products, the
     formulations one would try to route it to XLA's GEMM (which reaches the machine's matmul
     peak on square matrices): `im2col` builds the (B*H*W, k*k*cin) patch matrix from k*k
-    slices and contracts it with the cotangent in one GEMM; `shifted` flattens the padded
-    image so each kernel offset is one contiguous slice and takes k*k (cin x cout) GEMMs over
-    B*H*(W+k-1) rows (the extra columns meet zero cotangent). Both are checked against
-    XLA's convolution gradient before they are timed."""
+    slices and contracts it with the cotangent in one GEMM; `im2col GEMM only` is that GEMM
+    alone on a patch matrix built beforehand (what the GEMM itself costs); `shifted`
+    flattens the padded image so each kernel offset is one contiguous slice and takes k*k
+    (cin x cout) GEMMs over B*H*(W+k-1) rows (the extra columns meet zero cotangent).
+
+    Returns {name: (thunk, max relative difference from XLA's convolution gradient)}, the
+    first entry being XLA's convolution gradient itself (the reference); every form is
+    checked against it before anything is timed."""
     import jax
     import jax.numpy as jnp
 
@@ -103,12 +110,14 @@ def _kernel_grad_as_gemm(h, cin, cout, k, batch):
     p = k // 2
     contract_rows = (((0,), (0,)), ((), ()))
 
-    def im2col(x, g):
+    def patches(x):
         xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
         cols = jnp.concatenate([xp[:, i:i + h, j:j + h, :] for i in range(k) for j in range(k)],
                                axis=-1)
-        r = jax.lax.dot_general(cols.reshape(-1, k * k * cin), g.reshape(-1, cout),
-                                contract_rows)
+        return cols.reshape(-1, k * k * cin)
+
+    def gemm(cols, g):
+        r = jax.lax.dot_general(cols, g.reshape(-1, cout), contract_rows)
         return r.reshape(k, k, cin, cout)
 
     def shifted(x, g):
@@ -125,35 +134,79 @@ def _kernel_grad_as_gemm(h, cin, cout, k, batch):
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     opts = cpu_flags.compiler_options()
-    ref = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
-                  compiler_options=opts)(x, g)
-    fns = {}
-    for name, f in (("im2col", im2col), ("shifted", shifted)):
-        jf = jax.jit(f, compiler_options=opts)
-        err = float(jnp.max(jnp.abs(jf(x, g) - ref)) / jnp.max(jnp.abs(ref)))
+    conv_dw = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
+                      compiler_options=opts)
+    ref = conv_dw(x, g)
+    cols = jax.block_until_ready(jax.jit(patches, compiler_options=opts)(x))
+    jit = lambda f: jax.jit(f, compiler_options=opts)  # noqa: E731
+    forms = {"XLA convolution gradient": (conv_dw, (x, g)),
+             "im2col": (jit(lambda x, g: gemm(patches(x), g)), (x, g)),
+             "im2col GEMM only": (jit(gemm), (cols, g)),
+             "shifted": (jit(shifted), (x, g))}
+    out = {}
+    for name, (jf, args) in forms.items():
+        err = float(jnp.max(jnp.abs(jf(*args) - ref)) / jnp.max(jnp.abs(ref)))
         if not err < 1e-4:  # equal work or no row
             raise AssertionError(f"{name} kernel gradient differs from XLA's: {err:.1e}")
-        fns[name] = (lambda jf=jf: jf(x, g)), err
-    return fns
+        out[name] = (lambda jf=jf, args=args: jf(*args)), err
+    return out
+
+
+def _check_equal_work(jax_fns, torch_fns, what):
+    """Both sides must compute the same numbers before their times are compared: XLA's and
+    PyTorch's fwd / dx / dw outputs (PyTorch's NCHW / OIHW brought to NHWC / HWIO)."""
+    for part, jf, tf in zip(("fwd", "dx", "dw"), jax_fns, torch_fns):
+        ours = np.asarray(jf())
+        theirs = tf().detach().numpy()
+        theirs = theirs.transpose(2, 3, 1, 0) if part == "dw" else theirs.transpose(0, 2, 3, 1)
+        err = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
+        if not err < 1e-3:
+            raise AssertionError(f"{what} {part}: XLA and PyTorch differ by {err:.1e}")
+
+
+def _alternating(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """{name: (median s, (min, max))} of each thunk, the thunks taking turns in every round
+    (so a slow spell of the shared machine hits all of them, not one)."""
+    import jax
+
+    for f in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(f())
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(ts), (min(ts), max(ts))) for name, ts in times.items()}
 
 
 def run(batch: int = 128, reps: int = 5):
     import jax
 
     def t_jax(f):
-        return timed(f, reps=reps, warmup=2, sync=jax.block_until_ready)[0]
+        med, ts = timed(f, reps=reps, warmup=2, sync=jax.block_until_ready)
+        return med, (min(ts), max(ts))
 
     def t_torch(f):
-        return timed(f, reps=reps, warmup=2)[0]
+        med, ts = timed(f, reps=reps, warmup=2)
+        return med, (min(ts), max(ts))
+
+    def ms_spread(spreads):
+        return tuple(1e3 * sum(v) for v in zip(*spreads))
 
     parts = ("fwd", "dx", "dw")
     rows = []
     tot = {(side, part): 0.0 for side in ("xla", "torch") for part in parts}
     for i, (h, cin, cout, stride, k, uses) in enumerate(RESNET20_CONVS):
-        t = {}
-        for part, jf, tf in zip(parts, _jax_fns(h, cin, cout, stride, k, batch),
-                                _torch_fns(h, cin, cout, stride, k, batch)):
-            t["xla", part], t["torch", part] = t_jax(jf), t_torch(tf)
+        what = f"conv {k}x{k}/{stride} {h}x{h}x{cin}->{cout}"
+        jfns = _jax_fns(h, cin, cout, stride, k, batch)
+        tfns = _torch_fns(h, cin, cout, stride, k, batch)
+        _check_equal_work(jfns, tfns, what)
+        t, spread = {}, {}
+        for part, jf, tf in zip(parts, jfns, tfns):
+            (t["xla", part], spread["xla", part]) = t_jax(jf)
+            (t["torch", part], spread["torch", part]) = t_torch(tf)
         # The step never asks for the stem's input gradient (the images are not trained),
         # so the totals leave it out; the stem's row still shows it.
         for (side, part), v in t.items():
@@ -168,12 +221,15 @@ def run(batch: int = 128, reps: int = 5):
         ours, ref = (sum(t[side, p] for p in parts) for side in ("xla", "torch"))
         flops = 2 * batch * (h // stride) ** 2 * k * k * cin * cout
         rows.append(Row(
-            workload=f"conv {k}x{k}/{stride} {h}x{h}x{cin}->{cout}, batch {batch} (x{uses})",
+            workload=f"{what}, batch {batch} (x{uses})",
             unit="ms", higher_is_better=False, ours=1e3 * ours, ours_label=label("xla"),
             ref=1e3 * ref, ref_label=label("torch"), reps=reps, flops=3 * flops,
+            ours_spread=ms_spread([spread["xla", p] for p in parts]),
+            ref_spread=ms_spread([spread["torch", p] for p in parts]),
             achieved_gflops=3 * flops / ours / 1e9,
-            notes="dx / dw ratios {:.2f}x / {:.2f}x".format(
-                t["torch", "dx"] / t["xla", "dx"], t["torch", "dw"] / t["xla", "dw"])))
+            notes="dx / dw ratios {:.2f}x / {:.2f}x; spreads: sums of the parts' min / max; "
+                  "outputs equal to PyTorch's (checked)".format(
+                      t["torch", "dx"] / t["xla", "dx"], t["torch", "dw"] / t["xla", "dw"])))
     what = {"fwd": "forwards", "dx": "input gradients (stem's left out)",
             "dw": "kernel gradients"}
     for part in parts:
@@ -192,17 +248,22 @@ def run(batch: int = 128, reps: int = 5):
         reps=reps, notes="sum over the model's convolutions, each weighted by its number of "
                          "uses; the stem's input gradient left out"))
     # Can XLA's GEMM do the kernel gradients better than its convolution? Reference: XLA's
-    # own convolution kernel gradient (ratio > 1 would mean the GEMM form pays).
+    # own convolution kernel gradient, timed in turns with the GEMM forms (ratio > 1 would
+    # mean the GEMM form pays).
     for h, cin, cout, stride, k, _ in RESNET20_CONVS:
         if stride != 1 or k != 3:
             continue
-        conv_dw = t_jax(_jax_fns(h, cin, cout, 1, k, batch)[2])
-        for name, (f, err) in _kernel_grad_as_gemm(h, cin, cout, k, batch).items():
-            ms = t_jax(f)
+        forms = _kernel_grad_as_gemm(h, cin, cout, k, batch)
+        times = _alternating({name: f for name, (f, _) in forms.items()}, reps)
+        (ref_name, _), *alternatives = forms.items()
+        ref_s, ref_spread = times[ref_name]
+        for name, (_, err) in alternatives:
+            s, sp = times[name]
             rows.append(Row(
                 workload=f"kernel gradient 3x3 {h}x{h}x{cin}->{cout} as GEMM ({name}), "
-                         f"batch {batch}", unit="ms", higher_is_better=False, ours=1e3 * ms,
-                ours_label=f"XLA {name} GEMM", ref=1e3 * conv_dw,
-                ref_label="XLA convolution gradient", reps=reps,
-                notes=f"max relative difference {err:.1e}"))
+                         f"batch {batch}", unit="ms", higher_is_better=False, ours=1e3 * s,
+                ours_label=f"XLA {name}", ref=1e3 * ref_s, ref_label=ref_name, reps=reps,
+                ours_spread=tuple(1e3 * v for v in sp),
+                ref_spread=tuple(1e3 * v for v in ref_spread),
+                notes=f"timed in turns with the reference; max relative difference {err:.1e}"))
     return rows
