@@ -106,7 +106,7 @@ def _kernel_grad_as_gemm(h, cin, cout, k, batch):
 
     from kdprune_jax import cpu_flags
 
-    x, w, g = (jnp.asarray(a) for a in _conv_args(h, cin, cout, 1, k, batch))
+    x, _, g = (jnp.asarray(a) for a in _conv_args(h, cin, cout, 1, k, batch))
     p = k // 2
     contract_rows = (((0,), (0,)), ((), ()))
 
@@ -129,21 +129,16 @@ def _kernel_grad_as_gemm(h, cin, cout, k, batch):
                                  contract_rows) for i in range(k) for j in range(k)]
         return jnp.stack(r).reshape(k, k, cin, cout)
 
-    def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, (1, 1), ((p, p),) * 2,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
     opts = cpu_flags.compiler_options()
-    conv_dw = jax.jit(lambda x, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0],
-                      compiler_options=opts)
-    ref = conv_dw(x, g)
-    cols = jax.block_until_ready(jax.jit(patches, compiler_options=opts)(x))
     jit = lambda f: jax.jit(f, compiler_options=opts)  # noqa: E731
-    forms = {"XLA convolution gradient": (conv_dw, (x, g)),
-             "im2col": (jit(lambda x, g: gemm(patches(x), g)), (x, g)),
+    # The reference is the profile's own dw program on the same inputs (same seed).
+    conv_dw = _jax_fns(h, cin, cout, 1, k, batch)[2]
+    ref = conv_dw()
+    cols = jax.block_until_ready(jit(patches)(x))
+    forms = {"im2col": (jit(lambda x, g: gemm(patches(x), g)), (x, g)),
              "im2col GEMM only": (jit(gemm), (cols, g)),
              "shifted": (jit(shifted), (x, g))}
-    out = {}
+    out = {"XLA convolution gradient": (conv_dw, 0.0)}
     for name, (jf, args) in forms.items():
         err = float(jnp.max(jnp.abs(jf(*args) - ref)) / jnp.max(jnp.abs(ref)))
         if not err < 1e-4:  # equal work or no row
@@ -184,12 +179,8 @@ def _alternating(fns: dict, reps: int, warmup: int = 2) -> dict:
 def run(batch: int = 128, reps: int = 5):
     import jax
 
-    def t_jax(f):
-        med, ts = timed(f, reps=reps, warmup=2, sync=jax.block_until_ready)
-        return med, (min(ts), max(ts))
-
-    def t_torch(f):
-        med, ts = timed(f, reps=reps, warmup=2)
+    def median_and_spread(f, sync=lambda r: r):
+        med, ts = timed(f, reps=reps, warmup=2, sync=sync)
         return med, (min(ts), max(ts))
 
     def ms_spread(spreads):
@@ -205,8 +196,8 @@ def run(batch: int = 128, reps: int = 5):
         _check_equal_work(jfns, tfns, what)
         t, spread = {}, {}
         for part, jf, tf in zip(parts, jfns, tfns):
-            (t["xla", part], spread["xla", part]) = t_jax(jf)
-            (t["torch", part], spread["torch", part]) = t_torch(tf)
+            t["xla", part], spread["xla", part] = median_and_spread(jf, jax.block_until_ready)
+            t["torch", part], spread["torch", part] = median_and_spread(tf)
         # The step never asks for the stem's input gradient (the images are not trained),
         # so the totals leave it out; the stem's row still shows it.
         for (side, part), v in t.items():
