@@ -133,6 +133,7 @@ def uses_kronecker_preconditioner(preconditioner: str, head: str) -> bool:
                                                 and head == "linear")
 
 
+@functools.partial(jax.jit, static_argnames=("s",))
 def keep_probabilities(phi, prob: Problem, s: Settings):
     """pi [N_padded] of the policy phi (0 on padding rows)."""
     return policy.keep_probabilities(policy.beta_log_weights(phi, prob.u), prob.segment,
@@ -266,6 +267,9 @@ def objective_at(phi, prob: Problem, s: Settings):
     return outer_loss(theta, prob.val, s)
 
 
+# The check paths below are jitted like the outer step: run eagerly, every primitive of
+# their inner solve and VJP would be compiled and dispatched on its own.
+@functools.partial(jax.jit, static_argnames=("s",))
 def implicit_grad_at(phi, prob: Problem, s: Settings):
     """The implicit hypergradient at phi (fresh inner solve from the fixed initial head)."""
     theta, _, _ = inner_solve(phi, _theta0(prob, s), prob, s)
@@ -282,6 +286,7 @@ def finite_difference_grad(phi, prob: Problem, s: Settings, eps: float = 1e-2):
     return jnp.stack(g)
 
 
+@functools.partial(jax.jit, static_argnames=("s", "num_samples"))
 def reinforce_grad(phi, prob: Problem, s: Settings, key, num_samples: int = 8):
     """Score-function (REINFORCE) estimate of d E[L_out] / d phi with independent
     Bernoulli(pi_i) subsets, leave-one-out baseline. Unbiased but noisy: kept as a check

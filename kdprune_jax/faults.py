@@ -28,6 +28,9 @@ import sys
 
 ENV = "KDPRUNE_KILL_AT"
 KILL_AT: str | None = os.environ.get(ENV) or None
+# ``KDPRUNE_SIGNAL_AT=<stage>:<step>``: right after that training step, act as if this
+# process had received SIGTERM (preemption.py), e.g. on one process of a multi-process run.
+SIGNAL_AT: str | None = os.environ.get("KDPRUNE_SIGNAL_AT") or None
 
 
 def armed(prefix: str = "") -> bool:
@@ -45,6 +48,13 @@ def maybe_kill(point: str, before=None) -> None:
             before()
         print(f"[faults] {ENV}={point} reached: SIGKILL", file=sys.stderr, flush=True)
         kill_self()
+
+
+def signal_self() -> None:
+    """SIGTERM to this process (KDPRUNE_SIGNAL_AT): the preemption handler takes it."""
+    print(f"[faults] KDPRUNE_SIGNAL_AT={SIGNAL_AT} reached: SIGTERM", file=sys.stderr,
+          flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def kill_self() -> None:

@@ -14,6 +14,7 @@ it); elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N --proces
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -40,6 +41,51 @@ _CACHE_DIR = flags.DEFINE_string(
     "/tmp/kdprune_jax_xla_cache; 'none' disables it). A rerun or a resume after preemption "
     "then skips recompiling.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _innermost(e: BaseException) -> BaseException:
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def flag_error_line(e: BaseException, argv: list[str]) -> str:
+    """One line for a command-line mistake found while parsing flags: a misspelt or unknown
+    --config.* field (with ml_collections' suggestion), a config file that is missing or
+    fails to import (the file and its first error), a value of the wrong type."""
+    if isinstance(e, (AttributeError, KeyError)):
+        text = str(e)
+        name = (re.search(r"[A-Za-z_]\w*", text) or re.search(r".+", text or "?")).group(0)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and a.split("=")[0].split(".")[-1] == name), f"--config.*.{name}")
+        return (f"{flag}: the config has no field {name!r}; " + (
+            f'did you mean "{hint.group(1)}" instead of "{name}"?' if hint
+            else "configs/base.py lists every field"))
+    inner = _innermost(e)
+    if isinstance(e, OSError) or "Error whilst parsing config file" in str(e) or \
+            "earlier failure to load" in str(e):
+        cfg = next((a for a in argv if a.startswith("--config=")), "--config")
+        lines = [x.strip() for x in str(inner).splitlines() if x.strip()]
+        why = lines[-1] if lines else type(inner).__name__
+        return f"{cfg}: cannot load the config file: {why}"
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "Traceback" in str(e):
+        first = f"{first.split(':')[0]}: {inner}"
+    return first.removeprefix("flag ")
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with every mistake as one line and exit status 2."""
+    try:
+        rest = flags.FLAGS(argv)
+        # A config file that failed to load is reported lazily by ml_collections, at the
+        # first field access: touch it here so the mistake is caught with the others.
+        _CONFIG.value.keys()
+        return rest
+    except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+        print(f"error: {flag_error_line(e, argv)}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main(argv):
@@ -72,8 +118,16 @@ def main(argv):
         "/tmp/kdprune_jax_xla_cache"
     if cache != "none":
         jax.config.update("jax_compilation_cache_dir", cache)
+    from kdprune_jax import preemption
+
+    preemption.install()
     try:
         pipeline.run(_CONFIG.value, _WORKDIR.value)
+    except preemption.Preempted as e:
+        prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
+        print(f"{prefix}{e}: python -m kdprune_jax.main {' '.join(sys.argv[1:])}",
+              file=sys.stderr, flush=True)
+        sys.exit(preemption.EXIT_STATUS)
     except UserError as e:
         prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
@@ -81,4 +135,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -37,6 +37,7 @@ from kdprune_jax import (
     selection,
     sharding,
     teacher_cache,
+    workdir_lock,
 )
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train import TrainResult, evaluate, train_model
@@ -358,11 +359,62 @@ def _eval_split(graphdef, params, batch_stats, config, split, indices, mesh):
     return evaluate(graphdef, params, batch_stats, dataset, mesh)
 
 
+def teacher_stage(config, ds: Data, mesh, workdir: str, writer):
+    """Train the teacher on the pool (resumable) or import it from ``teacher.init``, and
+    evaluate it on the test split (cached). Returns ([graphdef, params, batch_stats],
+    fingerprint, metrics)."""
+    metrics = {}
+    if config.teacher.init:
+        *teacher, fp = import_teacher(config, ds.train.num_classes, mesh)
+        metrics["source"] = config.teacher.init
+    else:
+        fp = _role_fingerprint(config, "teacher", data=ds.fingerprint)
+        res = _train_role("teacher", config, ds, ds.pool, mesh, workdir, writer, fp)
+        teacher = [res.graphdef, res.params, res.batch_stats]
+        metrics.update(steps=res.steps, train_seconds=res.seconds)
+    metrics.update(_cached_eval(
+        workdir, "teacher", _eval_fingerprint(config, ds, fp), lambda: _eval_split(
+            *teacher, config, ds.test, np.arange(len(ds.test)), mesh)))
+    _log(f"[teacher] test accuracy {metrics['accuracy']:.4f}")
+    return teacher, fp, metrics
+
+
 def run(config, workdir: str) -> dict:
-    """Run every stage the config names; returns the results dict (also DIR/results.json)."""
+    """Run every stage the config names; returns the results dict (also DIR/results.json).
+
+    The run holds the workdir's lock (`workdir_lock`) from after the config checks to the
+    end: a second run on the same workdir stops at once with one line naming the holder.
+    With several processes, process 0 takes the lock and tells the others the outcome."""
     t_start = time.perf_counter()
     config_checks.validate(config)
     config_checks.check_workdir(workdir)
+    _lock_workdir(workdir)
+    try:
+        return _run(config, workdir, t_start)
+    finally:
+        if jax.process_index() == 0:
+            workdir_lock.release(workdir)
+
+
+def _lock_workdir(workdir: str) -> None:
+    holder = None
+    if jax.process_index() == 0:
+        holder = workdir_lock.try_acquire(workdir, log=_log)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        busy = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
+        if int(busy) and holder is None:
+            holder = {"unreadable": True}  # the text comes from process 0's record below
+            holder = workdir_lock.read_holder(workdir) or holder
+    if holder is not None:
+        raise workdir_lock.WorkdirBusyError(
+            f"workdir {os.path.abspath(workdir)} is in use by "
+            f"{workdir_lock.describe(holder)}; wait for it to finish or stop it (a lock "
+            f"whose process has died is taken over automatically)")
+
+
+def _run(config, workdir: str, t_start: float) -> dict:
     mesh = sharding.make_mesh()
     writer = MetricsWriter(workdir)
     timings = {}
@@ -409,19 +461,8 @@ def run(config, workdir: str) -> dict:
     teacher, teacher_fp, teacher_metrics = None, "", {}
     if config_checks.needs_teacher(config):
         t = time.perf_counter()
-        if config.teacher.init:
-            *teacher, teacher_fp = import_teacher(config, ds.train.num_classes, mesh)
-            teacher_metrics["source"] = config.teacher.init
-        else:
-            teacher_fp = _role_fingerprint(config, "teacher", data=ds.fingerprint)
-            res = _train_role("teacher", config, ds, ds.pool, mesh, workdir, writer, teacher_fp)
-            teacher = [res.graphdef, res.params, res.batch_stats]
-            teacher_metrics.update(steps=res.steps, train_seconds=res.seconds)
-        teacher_metrics.update(_cached_eval(
-            workdir, "teacher", _eval_fingerprint(config, ds, teacher_fp), lambda: _eval_split(
-                *teacher, config, ds.test, np.arange(len(ds.test)), mesh)))
+        teacher, teacher_fp, teacher_metrics = teacher_stage(config, ds, mesh, workdir, writer)
         timings["teacher_seconds"] = time.perf_counter() - t
-        _log(f"[teacher] test accuracy {teacher_metrics['accuracy']:.4f}")
 
     # ---- scores (or, for IF-Beta: features -> influence ranks -> policy)
     scores, scores_meta, policy_rec = None, None, None

@@ -15,9 +15,9 @@ exactly the artifacts downstream of it and leaves every other one untouched (fil
 ``.stale-`` directories).
 
 Two reference runs of the quickstart smoke config are shared by the module (el2n with one
-proxy; IF-Beta with 3 policy steps); each case runs on a copy. A persistent XLA compilation
-cache (a temp dir, module-scoped) makes the many small reruns cheap: every program is compiled
-once for the module instead of once per run.
+proxy; IF-Beta with 3 policy steps); each case runs on a copy. The suite's persistent XLA
+compilation cache (tests/conftest.py) makes the many small reruns cheap: every program is
+compiled once instead of once per run.
 """
 
 import glob
@@ -42,34 +42,21 @@ IFBETA = dict(prune__method="ifbeta", policy__max_steps=3)
 STEPS = 21  # smoke schedules: 1,368-image pool or 684-image subset, batch 64 (+ ckpt every 10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    cc.reset_cache()
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
-def _reference(tmp_path_factory, name, fields):
-    workdir = str(tmp_path_factory.mktemp(name))
+def _reference(tmp_path_factory, seed, name, fields):
+    # The smoke teacher is the same for every reference: copied, not retrained.
+    workdir = seed(str(tmp_path_factory.mktemp(name)), ["teacher", "teacher_eval.json"])
     config = override(load_config("quickstart.py", "smoke"), **fields)
     return config, workdir, pipeline.run(config, workdir)
 
 
 @pytest.fixture(scope="module")
-def el2n_ref(tmp_path_factory):
-    return _reference(tmp_path_factory, "el2n", EL2N)
+def el2n_ref(tmp_path_factory, quickstart_smoke_run):
+    return _reference(tmp_path_factory, quickstart_smoke_run, "el2n", EL2N)
 
 
 @pytest.fixture(scope="module")
-def ifbeta_ref(tmp_path_factory):
-    return _reference(tmp_path_factory, "ifbeta", IFBETA)
+def ifbeta_ref(tmp_path_factory, quickstart_smoke_run):
+    return _reference(tmp_path_factory, quickstart_smoke_run, "ifbeta", IFBETA)
 
 
 def _copy(ref, tmp_path, name="w"):

@@ -26,6 +26,7 @@ from kdprune_jax import config_checks, pipeline
 from kdprune_jax.errors import ArtifactError, ConfigError, DataError, UserError
 from kdprune_jax.scoring import SolverError
 from kdprune_jax.train import NonFiniteLossError
+from tests.multiprocess import cli_env
 from tests.test_pipeline import ROOT, load_config, override, snapshot
 
 SMOKE = "configs/quickstart.py:smoke"
@@ -187,9 +188,9 @@ def _digits_like_npz(path, num_classes, per_class=(50, 10)):
 
 
 @pytest.fixture(scope="module")
-def done(tmp_path_factory):
+def done(tmp_path_factory, quickstart_smoke_run):
     """A finished quickstart smoke run: its workdir holds every artifact."""
-    workdir = str(tmp_path_factory.mktemp("done"))
+    workdir = quickstart_smoke_run(str(tmp_path_factory.mktemp("done")))
     config = load_config("quickstart.py", "smoke")
     pipeline.run(config, workdir)
     return config, workdir
@@ -272,7 +273,10 @@ def test_the_table_is_long_enough():
     assert len(BAD) >= 25 and len({row[0] for row in BAD}) == len(BAD)
 
 
-@pytest.mark.parametrize("name,fields,exc,field,allowed", BAD, ids=[r[0] for r in BAD])
+# The batch-vs-devices rows check the 8-device message, so they run in the 8-device process.
+@pytest.mark.parametrize("name,fields,exc,field,allowed", [
+    pytest.param(*r, id=r[0], marks=[pytest.mark.multidevice] if r[0].endswith("_vs_devices")
+                 else []) for r in BAD])
 def test_bad_input_stops_before_any_training(done, files, compiles, monkeypatch, name, fields,
                                              exc, field, allowed):
     config, workdir = done
@@ -372,6 +376,7 @@ def test_cli_prints_one_error_line_and_exits_2(done, files, tmp_path, name, flag
         [sys.executable, "-m", "kdprune_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
          *(f.format(**ctx) for f in flags)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=cli_env(8),  # 8 devices, whatever this process has (the batch row needs them)
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

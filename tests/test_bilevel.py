@@ -106,7 +106,9 @@ def _run_steps(mesh, n=4, problem=None, l2=1e-2, lam=0.5, temperature=2.0, **set
     return state, hist, step
 
 
+@pytest.mark.multidevice
 def test_outer_step_compiles_once_and_8_devices_equal_1():
+    assert jax.device_count() == 8
     s8, h8, step8 = _run_steps(sharding.make_mesh(8))
     s1, h1, _ = _run_steps(sharding.make_mesh(1))
     assert step8._cache_size() == 1
@@ -192,7 +194,7 @@ def test_kronecker_preconditioning_changes_iterations_not_the_policy():
     with jax.enable_x64(True):
         prob = _problem(n=237, d=32, feature_scales=np.logspace(-1, 1, 32),
                         dtype=jnp.float64)
-        mesh = sharding.make_mesh(8)
+        mesh = sharding.make_mesh()
         kw = dict(n=4, problem=prob, l2=1e-3, lam=0.9, temperature=4.0, cg_tol=1e-9,
                   cg_max_iters=5000, inner_tol=1e-9, inner_max_iters=5000)
         sp, hp, _ = _run_steps(mesh, **kw)  # auto: Kronecker for the linear head

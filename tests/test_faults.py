@@ -173,6 +173,7 @@ def test_kill_then_rerun_equals_uninterrupted(reference, tmp_path, ref, point, e
 
     resumed = _cli(workdir, ref)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "classes; 8 devices" in resumed.stdout  # the kill/resume pair ran on 8 devices
     for line in rerun_says:
         assert line in resumed.stdout, (line, resumed.stdout[-3000:])
     assert not os.path.exists(workdir / "features.tmp")  # a partial pass leaves nothing

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from kdprune_jax import pipeline
@@ -50,8 +49,8 @@ def snapshot(workdir):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("quick"))
+def quick_run(tmp_path_factory, quickstart_smoke_run):
+    workdir = quickstart_smoke_run(str(tmp_path_factory.mktemp("quick")))
     config = load_config("quickstart.py", "smoke")
     results = pipeline.run(config, workdir)
     return config, workdir, results
@@ -105,19 +104,24 @@ def test_changed_keep_fraction_rebuilds_downstream_only(quick_run, tmp_path):
 
 
 def _student_params(workdir):
-    mgr = ocp.CheckpointManager(os.path.join(workdir, "student"))
-    step = mgr.latest_step()
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    """(step, param leaves) of the final student, restored onto one local device whatever
+    device count saved it (the CLI runs here use 8, this process may have 1)."""
     import jax
 
-    return step, jax.tree.leaves(out["state"]["params"])
+    from tests.test_multiprocess import _student_params as restore
+
+    step, params = restore(workdir)
+    return step, jax.tree.leaves(params)
 
 
 def _cli(workdir, *extra, env=None):
     cmd = [sys.executable, "-m", "kdprune_jax.main", "--config=configs/quickstart.py:smoke",
            f"--workdir={workdir}", "--config.student.optim.num_epochs=4", *extra]
+    # The kill/resume pair runs on 8 devices, whatever this process has.
+    from tests.multiprocess import cli_env
+
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+                          env=cli_env(8, env))
 
 
 @pytest.mark.slow
@@ -131,6 +135,7 @@ def test_kill_9_mid_training_then_rerun_equals_uninterrupted(tmp_path):
     assert not os.path.exists(b / "results.json")
     resumed = _cli(b)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "classes; 8 devices" in resumed.stdout  # the kill/resume pair ran on 8 devices
     assert "resumed from step 10" in resumed.stdout
     step_a, pa = _student_params(a)
     step_b, pb = _student_params(b)

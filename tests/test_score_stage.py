@@ -17,8 +17,8 @@ SMALL = dict(proxy__num_models=2, proxy__num_epochs=1, score__batch_size=128)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("scores"))
+def env(tmp_path_factory, quickstart_smoke_run):
+    workdir = quickstart_smoke_run(str(tmp_path_factory.mktemp("scores")))
     config = override(load_config("quickstart.py", "smoke"), **SMALL)
     pipeline.run(config, workdir)  # trains and caches the teacher
     ds = pipeline.load_data(config)
@@ -67,8 +67,12 @@ def test_proxy_cost_is_recorded_and_scores_are_reused(env):
     assert m3["fingerprint"] != m1["fingerprint"] and len(m3["proxies"]) == 1
 
 
+@pytest.mark.multidevice
 def test_scores_on_8_devices_equal_1_device(env):
     assert jax.device_count() == 8
+    # The grand proxies, trained once in the shared workdir (this test may run alone, in the
+    # 8-device process, without the tests that would have trained them first).
+    _scores(env, prune__method="grand")
     for fields in (dict(prune__method="grand"),
                    dict(prune__method="influence", influence__scope="full",
                         influence__model="teacher", influence__loss="ce",
@@ -80,6 +84,7 @@ def test_scores_on_8_devices_equal_1_device(env):
         outs = []
         for n in (8, 1):
             mesh = sharding.make_mesh(n)
+            assert mesh.devices.size == n  # the 8-device mesh spans every device
             wd = os.path.join(workdir, f"dev{n}")
             # Proxies for grand come from the shared workdir (same models for both meshes).
             if fields["prune__method"] == "grand":

@@ -47,6 +47,7 @@ def _run_steps(mesh, n_steps=3):
     return state, losses, step
 
 
+@pytest.mark.multidevice
 def test_sharded_step_equals_single_device_and_compiles_once():
     assert jax.device_count() == 8
     s8, l8, step8 = _run_steps(sharding.make_mesh(8))
@@ -188,7 +189,12 @@ def _poison_from(monkeypatch, first_bad_step, what):
 @pytest.mark.parametrize(
     "what,first_bad,log_every,ckpt_every,stop,last_metrics,last_ckpt", [
         # NaN loss at step 7, seen at the logging step 8 (before step 8 is checkpointed).
-        ("batch", 7, 2, 4, "non-finite loss at step 8", 6, 4),
+        # (Observed on 8 devices. In the 1-device program the NaN images left the logged
+        # loss of steps 7-8 finite, and the weights check stopped the run after step 8: how
+        # XLA:CPU propagates NaN differs between the two programs. The row keeps its
+        # 8-device expectation.)
+        pytest.param("batch", 7, 2, 4, "non-finite loss at step 8", 6, 4,
+                     marks=pytest.mark.multidevice),
         # Finite loss at step 6 but NaN weights after it, on a checkpoint step: not saved.
         ("params", 6, 2, 3, "non-finite parameters after step 6", 6, 3),
         # NaN loss at step 5 between logging steps (every 4) on a checkpoint step (every 2):

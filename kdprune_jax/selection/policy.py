@@ -15,6 +15,8 @@ All jittable; arrays are [N] over the pool, `labels` int [N], `counts` int [C].
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +51,7 @@ def beta_log_weights(phi, u):
     return (a - 1.0) * jnp.log(u) + (b - 1.0) * jnp.log1p(-u)
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes",))
 def keep_probabilities(log_w, labels, counts, num_classes: int):
     """pi [N] = min(1, s_c w_i) with the per-class scale s_c chosen so that
     sum_{i in c} pi_i = counts[c] EXACTLY (water-filling: the largest weights are capped at
@@ -94,10 +97,16 @@ def _segmented_cumsum(x, starts):
     return jax.lax.associative_scan(op, (x, starts))[0]
 
 
+@jax.jit
+def _perturbed_log_weights(pi, key):
+    # Jitted: eagerly, each of these primitives would be compiled and dispatched apart.
+    return jnp.log(jnp.maximum(pi, 1e-30)) + jax.random.gumbel(key, pi.shape)
+
+
 def gumbel_top_k(pi, labels, counts, num_classes: int, key):
     """One draw of a subset with exactly counts[c] examples of class c, sampling without
     replacement in proportion to pi (Gumbel-top-k). Returns bool [N]."""
-    g = jnp.log(jnp.maximum(pi, 1e-30)) + jax.random.gumbel(key, pi.shape)
+    g = _perturbed_log_weights(pi, key)
     keep = np.zeros(pi.shape[0], bool)
     g = np.asarray(g)
     labels = np.asarray(labels)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import faults, models, sharding
+from kdprune_jax import faults, models, preemption, sharding
 from kdprune_jax.errors import UserError
 from kdprune_jax.scoring.forgetting import init_tracker
 from kdprune_jax.train.checkpoint import open_for_training
@@ -119,12 +119,16 @@ def train_model(
     )
     # Fault injection (faults.py): KDPRUNE_KILL_AT=<name>:<step> SIGKILLs the process right
     # after that step; checked per step only when a kill point of this loop is set.
-    kill_armed = faults.armed(f"{name}:")
+    kill_armed = faults.armed(f"{name}:") or (faults.SIGNAL_AT or "").startswith(f"{name}:")
     # XLA:CPU with several processes (gloo collectives) can deadlock when consecutive
     # steps overlap (observed with JAX 0.10.2: both processes stuck in their all-reduces
     # after ~150 steps). Waiting for each step costs nothing on a real multi-host pod
     # (TPU/GPU runs never take this path) and keeps multi-process CPU runs deterministic.
     sync_every_step = jax.process_count() > 1 and jax.default_backend() == "cpu"
+    # A stop request (SIGTERM/SIGINT, preemption.py) is read after every step; with several
+    # processes it is agreed on by an all-gather, on logging steps only (a per-step host
+    # collective would serialize an accelerator's dispatch), so all stop after one step.
+    stop_every = 1 if jax.process_count() == 1 else log_every_steps
     bar = ProgressBar(name, num_steps, start, images_per_step=global_batch_size)
     pending, last_good = [], None
     t0 = time.perf_counter()
@@ -171,11 +175,35 @@ def train_model(
             if kill_armed:  # kill point <name>:<step>; waits for the saves started so far to
                 # commit, so the resume point is deterministic
                 faults.maybe_kill(f"{name}:{step}", before=ckpt.wait)
+                if faults.SIGNAL_AT == f"{name}:{step}":  # KDPRUNE_SIGNAL_AT: a real SIGTERM
+                    faults.signal_self()
+            if not is_last and step % stop_every == 0 and preemption.stop_requested():
+                _save_and_stop(name, step, num_steps, state, meta, data_iter, ckpt, ckpt_dir,
+                               saved=step % checkpoint_every_steps == 0,
+                               train_seconds=prior_seconds + time.perf_counter() - t0)
     bar.close()
     ckpt.close()
     seconds = prior_seconds + time.perf_counter() - t0
     return TrainResult(graphdef, state.params, state.batch_stats, num_steps, seconds,
                        resumed_from, state.extra)
+
+
+def _save_and_stop(name, step, num_steps, state, meta, data_iter, ckpt, ckpt_dir, *, saved,
+                   train_seconds):
+    """Commit a checkpoint of exactly `step` (unless the loop just saved it) and raise
+    Preempted with the line main prints. Errors of the (asynchronous) save surface in
+    `wait`, so they are reported here, not lost."""
+    if not saved:
+        if not bool(jax.device_get(_all_finite((state.params, state.batch_stats)))):
+            raise _non_finite(f"non-finite parameters after step {step}", name, None, ckpt,
+                              ckpt_dir)
+        meta["train_seconds"] = train_seconds
+        ckpt.save(step, state, meta, data_iter, force=True)
+    ckpt.close()  # waits for every save in flight to commit
+    raise preemption.Preempted(
+        f"[{name}] stopped by {preemption.signal_name()} after step {step}/{num_steps}; "
+        f"checkpoint of step {step} saved in {ckpt_dir}; rerun the same command to resume "
+        "from it")
 
 
 @jax.jit

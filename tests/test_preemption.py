@@ -1,0 +1,137 @@
+"""Told to stop, a run saves: SIGTERM mid-teacher and mid-student (a real signal, sent by the
+process to itself at a named step with KDPRUNE_SIGNAL_AT, so the step is known), one line,
+exit status 3, the checkpoint of exactly that step, and a rerun equal to an uninterrupted
+run. One owner per workdir: a second run on a held workdir stops at once naming the holder;
+a stale lock (its process died) is taken over. Command-line mistakes: one line, exit 2."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from kdprune_jax import preemption, workdir_lock
+from tests.multiprocess import run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ["--config=configs/quickstart.py:smoke"]
+
+
+def _cli(workdir, env=None, extra=()):
+    (p,) = run_cli(BASE + [f"--workdir={workdir}", *extra], num_processes=1,
+                   devices_per_process=8, timeout=600, env_per_process=[env or {}],
+                   log_dir=f"{workdir}.logs")
+    return p
+
+
+def _answer(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        r = json.load(f)
+    with open(os.path.join(workdir, "subset.json")) as f:
+        sub = json.load(f)
+    return {"student": {k: r["student"][k] for k in ("test", "val", "steps")},
+            "teacher": {k: r["teacher"][k] for k in ("accuracy", "loss")},
+            "subset": sub["indices"], "fingerprint": r["fingerprint"]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("ref") / "run"
+    p = _cli(wd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return _answer(wd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["teacher", "student"])
+def test_sigterm_saves_the_step_and_the_rerun_equals_uninterrupted(reference, tmp_path,
+                                                                   stage):
+    wd = tmp_path / "run"
+    stopped = _cli(wd, env={"KDPRUNE_SIGNAL_AT": f"{stage}:13"})
+    assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
+    last = stopped.stderr.rstrip("\n").splitlines()[-1]
+    assert re.fullmatch(
+        rf"\[{stage}\] stopped by SIGTERM after step 13/21; checkpoint of step 13 saved in "
+        rf".*/{stage}; rerun the same command to resume from it: python -m kdprune_jax\.main "
+        r".*", last), last
+    assert "Traceback" not in stopped.stderr
+    steps = sorted(int(d) for d in os.listdir(wd / stage) if d.isdigit())
+    assert steps[-1] == 13, steps  # exactly the step it finished
+    assert not os.path.exists(wd / "results.json")
+    assert not os.path.exists(wd / workdir_lock.LOCK_NAME)  # released on the way out
+    resumed = _cli(wd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "classes; 8 devices" in resumed.stdout
+    assert f"[{stage}] resumed from step 13/21" in resumed.stdout
+    assert _answer(wd) == reference  # bitwise: same program, same device count
+
+
+def test_a_held_workdir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    wd = str(tmp_path / "w")
+    # A live holder (this test process): a second run stops at once, naming it.
+    workdir_lock.acquire(wd, heartbeat_seconds=0)
+    try:
+        p = subprocess.run([sys.executable, "-m", "kdprune_jax.main", *BASE,
+                            f"--workdir={wd}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        workdir_lock.release(wd)
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert sorted(os.listdir(wd)) == []  # nothing written by the refused run
+    # A holder that died (a pid that is not running, on this host): taken over.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(wd, workdir_lock.LOCK_NAME), "w") as f:
+        json.dump({"host": __import__("socket").gethostname(), "pid": int(dead),
+                   "start": 0, "command": "killed run", "token": "x"}, f)
+    lines = []
+    assert workdir_lock.try_acquire(wd, log=lines.append, heartbeat_seconds=0) is None
+    workdir_lock.release(wd)
+    assert len(lines) == 1 and f"pid {dead} on this host is not running" in lines[0], lines
+    assert not os.path.exists(os.path.join(wd, workdir_lock.LOCK_NAME))
+
+
+def test_two_runs_started_together_one_proceeds(tmp_path):
+    wd = str(tmp_path / "w")
+    cmd = [sys.executable, "-m", "kdprune_jax.main", *BASE, f"--workdir={wd}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [(p.returncode, e[-1500:]) for p, (_, e) in zip(procs, outs)]
+    loser = outs[[p.returncode for p in procs].index(2)][1]
+    assert re.search(r"^error: workdir .* is in use by pid \d+ on ", loser, re.M), loser
+    assert os.path.exists(os.path.join(wd, "results.json"))
+
+
+CLI = [
+    ("misspelt_field", ["--config.kd.alhpa=0.5"],
+     r'^error: --config\.kd\.alhpa: the config has no field \'alhpa\'; did you mean "alpha" '
+     r'instead of "alhpa"\?$'),
+    ("missing_config_file", ["--config=configs/nope.py"],
+     r"^error: --config=configs/nope\.py: cannot load the config file: .*No such file"),
+    ("wrong_type", ["--config.kd.alpha=abc"],
+     r"^error: --config\.kd\.alpha=abc: could not convert string to float: 'abc'$"),
+    ("bad_config_arg", ["--config=configs/quickstart.py:bogus"],
+     r"^error: --config=configs/quickstart\.py:bogus: cannot load the config file: "
+     r"unknown config arg 'bogus'"),
+]
+
+
+@pytest.mark.parametrize("name,flags,line", CLI, ids=[c[0] for c in CLI])
+def test_command_line_mistakes_are_one_line_exit_2(tmp_path, name, flags, line):
+    wd = tmp_path / "w"
+    args = [a for a in BASE if not any(f.startswith("--config=") for f in flags)]
+    p = subprocess.run([sys.executable, "-m", "kdprune_jax.main", *args, *flags,
+                        f"--workdir={wd}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and re.search(line, lines[0]), lines
+    assert not wd.exists()  # nothing created, nothing compiled: it stopped at the flags
