@@ -28,8 +28,8 @@ import sys
 
 ENV = "KDPRUNE_KILL_AT"
 KILL_AT: str | None = os.environ.get(ENV) or None
-# ``KDPRUNE_SIGNAL_AT=<stage>:<step>``: right after that training step, act as if this
-# process had received SIGTERM (preemption.py), e.g. on one process of a multi-process run.
+# ``KDPRUNE_SIGNAL_AT=<point>`` (a training step ``<stage>:<step>`` or a pass batch
+# ``<pass>:batch<k>``): there, this process sends itself a real SIGTERM (preemption.py).
 SIGNAL_AT: str | None = os.environ.get("KDPRUNE_SIGNAL_AT") or None
 
 
@@ -50,11 +50,18 @@ def maybe_kill(point: str, before=None) -> None:
         kill_self()
 
 
-def signal_self() -> None:
-    """SIGTERM to this process (KDPRUNE_SIGNAL_AT): the preemption handler takes it."""
-    print(f"[faults] KDPRUNE_SIGNAL_AT={SIGNAL_AT} reached: SIGTERM", file=sys.stderr,
-          flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)
+def signal_armed(prefix: str = "") -> bool:
+    """True when a KDPRUNE_SIGNAL_AT point is set and starts with `prefix`."""
+    return SIGNAL_AT is not None and SIGNAL_AT.startswith(prefix)
+
+
+def maybe_signal(point: str) -> None:
+    """Send this process a real SIGTERM if `point` is the KDPRUNE_SIGNAL_AT point (the
+    preemption handler takes it, as it would a scheduler's)."""
+    if point == SIGNAL_AT:
+        print(f"[faults] KDPRUNE_SIGNAL_AT={point} reached: SIGTERM", file=sys.stderr,
+              flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def kill_self() -> None:

@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from kdprune_jax import artifacts, bilevel, distributed, faults, scoring, sharding
+from kdprune_jax import artifacts, bilevel, distributed, faults, preemption, scoring, sharding
 from kdprune_jax.data import stratified_split
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.score_stage import Model, batch_pass, forward_fn
@@ -358,6 +358,7 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
         writer.write("policy", k + 1, **m)
         if kill_armed:  # kill point policy:step<k>: not resumable mid-run, rerun relearns
             faults.maybe_kill(f"policy:step{k + 1}")
+        preemption.check("policy")  # SIGTERM: stop now, the policy is relearned on rerun
         # Early stopping on V2 (the second held-out split): keep the best policy seen.
         if m["heldout"] < best_val - 1e-6:
             best_val, best_phi, since_best = m["heldout"], phi_before, 0

@@ -87,7 +87,13 @@ def stop_requested() -> bool:
 
 
 def check(where: str) -> None:
-    """In a pass without checkpoints: stop at once if told to (redone on rerun)."""
-    if _FLAG.is_set():
+    """In a pass without checkpoints: stop at once if told to (redone on rerun).
+
+    Single-process runs only: one process of several leaving a pass alone would leave the
+    others waiting in a collective, so a multi-process run finishes the pass and stops at
+    the next training loop's agreed step instead."""
+    import jax
+
+    if _FLAG.is_set() and jax.process_count() == 1:
         raise Preempted(f"[{where}] stopped by {signal_name()}; nothing of this pass was "
                         "kept, it is redone when you rerun the same command")

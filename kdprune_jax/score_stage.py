@@ -29,6 +29,7 @@ from kdprune_jax import (
     faults,
     losses,
     models,
+    preemption,
     scoring,
     sharding,
 )
@@ -126,7 +127,7 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores", ba
             sink(idx[keep], vals[keep])
         pending.clear()
 
-    kill_armed = faults.armed(f"{name}:batch")
+    kill_armed = faults.armed(f"{name}:batch") or faults.signal_armed(f"{name}:batch")
     if batches is None:
         batches = _eval_batches(ds, config, indices)
     for k, batch in enumerate(batches, 1):
@@ -134,6 +135,8 @@ def batch_pass(fn, args, ds, config, indices, mesh, sink=None, name="scores", ba
         pending.append(jfn(*args, g))
         if kill_armed:  # kill point <name>:batch<k>: mid-pass, results so far lost
             faults.maybe_kill(f"{name}:batch{k}", before=lambda: jax.block_until_ready(pending))
+            faults.maybe_signal(f"{name}:batch{k}")
+        preemption.check(name)  # SIGTERM mid-pass: stop now, the pass is redone on rerun
         if len(pending) >= 16:  # bound host memory; the device stays ahead meanwhile
             flush()
     flush()

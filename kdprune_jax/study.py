@@ -108,7 +108,11 @@ def apply_overrides(config, fields: dict):
                 node = node[p]
             if last not in node:
                 raise ConfigError(key, v, "a field of the base run config")
-            node[last] = v
+            try:
+                node[last] = v
+            except TypeError:
+                raise ConfigError(key, v, f"a value of the field's type "
+                                  f"({type(node[last]).__name__})") from None
     c.lock()
     return c
 
@@ -438,7 +442,10 @@ def dry_run(plan: Plan, cells: list[Cell]) -> str:
     lines, total = [], 0.0
     for u in plan.ordered(cells):
         c = u.config
-        config_checks.validate(c)
+        # Every cell's config is checked now, before any work (the shared teacher it will
+        # import does not exist yet: checked as if it were trained here).
+        config_checks.validate(apply_overrides(c, {"teacher.init": "", "prune.scores_file": "",
+                                                   "ifbeta.features_dir": ""}))
         tp = dict(plan.study.throughput)
         pool = plan.study.pool_size
         if u.kind == "teacher":

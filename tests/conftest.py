@@ -6,10 +6,11 @@ one pytest process has one count. Most tests run on ONE device: with 8 simulated
 on a 2-core machine everything replicated (parameter updates, head solves,
 eigendecompositions) runs 8 times, which tests of numbers, not of sharding, do not need.
 Tests that compare sharded with single-device results are marked ``multidevice`` and run
-in a second process with ``KDPRUNE_TEST_DEVICES=8`` (the README's test command runs both):
+in a second process with ``KDPRUNE_TEST_DEVICES=8``, which tests/test_multidevice.py starts
+(so the README's one command, ``python -m pytest -n 2 --dist loadfile``, runs both):
 
-    python -m pytest -n 2                               # 1 device: multidevice tests deselected
-    KDPRUNE_TEST_DEVICES=8 python -m pytest -m multidevice
+    python -m pytest -n 2 --dist loadfile               # 1 device + the 8-device process
+    KDPRUNE_TEST_DEVICES=8 python -m pytest -m multidevice   # only the 8-device tests
 
 Tests that start the CLI in subprocesses (kill/resume, multi-process, CLI errors) give
 those processes their own device count (tests/multiprocess.py::cli_env), so they run on 8
@@ -30,9 +31,11 @@ import tempfile
 
 DEVICES = int(os.environ.get("KDPRUNE_TEST_DEVICES", "1"))
 MULTI_DEVICES = 8  # what a `multidevice` test needs
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
-).strip()
+# Any device count inherited from a parent test process is replaced, not appended to.
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+          if not f.startswith("--xla_force_host_platform_device_count")]
+os.environ["XLA_FLAGS"] = " ".join(
+    [*_flags, f"--xla_force_host_platform_device_count={DEVICES}"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The XLA:CPU defaults (kdprune_jax.cpu_flags) are per-program compiler options inside the
 # library, so the tests run what users run without touching $XLA_FLAGS here.
@@ -78,8 +81,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     n = getattr(config, "_kdprune_deselected", 0)
     if n:
         terminalreporter.write_line(
-            f"{n} multidevice tests deselected in this {DEVICES}-device process; run them "
-            f"with: KDPRUNE_TEST_DEVICES={MULTI_DEVICES} python -m pytest -m multidevice")
+            f"{n} multidevice tests deselected in this {DEVICES}-device process; "
+            "tests/test_multidevice.py runs them in an 8-device one (directly: "
+            f"KDPRUNE_TEST_DEVICES={MULTI_DEVICES} python -m pytest -m multidevice)")
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,23 @@ def test_sigterm_saves_the_step_and_the_rerun_equals_uninterrupted(reference, tm
     assert _answer(wd) == reference  # bitwise: same program, same device count
 
 
+@pytest.mark.slow
+def test_sigterm_mid_scoring_pass_stops_at_once_and_the_rerun_finishes(tmp_path):
+    wd = tmp_path / "run"
+    el2n = ["--config.prune.method=el2n", "--config.proxy.num_models=1",
+            "--config.proxy.num_epochs=1"]
+    stopped = _cli(wd, env={"KDPRUNE_SIGNAL_AT": "scores:batch1"}, extra=el2n)
+    assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]
+    last = stopped.stderr.rstrip("\n").splitlines()[-1]
+    assert last.startswith("[scores] stopped by SIGTERM; nothing of this pass was kept, it is "
+                           "redone when you rerun the same command: python -m "), last
+    assert not os.path.exists(wd / "scores" / "el2n.npz")
+    resumed = _cli(wd, extra=el2n)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[proxy0] already trained" in resumed.stdout
+    assert os.path.exists(wd / "results.json")
+
+
 def test_a_held_workdir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     wd = str(tmp_path / "w")
     # A live holder (this test process): a second run stops at once, naming it.

@@ -72,7 +72,7 @@ def get_config(arg: str = ""):
         name="table3", title="compute-matched full-data KD",
         axes=(("prune.method", ("random",)), ("prune.keep_fraction", (1.0,)),
               ("kd.alpha", (0.9,)),
-              ("student.optim.num_epochs", tuple(round(k * STUDENT_EPOCHS, 3) for k in KEEPS)),
+              ("student.optim.num_epochs", tuple(round(k * STUDENT_EPOCHS) for k in KEEPS)),
               ("seed", SEEDS))))
     c.grids = [*t1, full, t2, t3]
     # Training throughput on the 2-core CPU, batch 128, 1 device (images/s), for --dry_run:

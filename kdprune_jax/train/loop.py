@@ -119,7 +119,7 @@ def train_model(
     )
     # Fault injection (faults.py): KDPRUNE_KILL_AT=<name>:<step> SIGKILLs the process right
     # after that step; checked per step only when a kill point of this loop is set.
-    kill_armed = faults.armed(f"{name}:") or (faults.SIGNAL_AT or "").startswith(f"{name}:")
+    kill_armed = faults.armed(f"{name}:") or faults.signal_armed(f"{name}:")
     # XLA:CPU with several processes (gloo collectives) can deadlock when consecutive
     # steps overlap (observed with JAX 0.10.2: both processes stuck in their all-reduces
     # after ~150 steps). Waiting for each step costs nothing on a real multi-host pod
@@ -175,8 +175,7 @@ def train_model(
             if kill_armed:  # kill point <name>:<step>; waits for the saves started so far to
                 # commit, so the resume point is deterministic
                 faults.maybe_kill(f"{name}:{step}", before=ckpt.wait)
-                if faults.SIGNAL_AT == f"{name}:{step}":  # KDPRUNE_SIGNAL_AT: a real SIGTERM
-                    faults.signal_self()
+                faults.maybe_signal(f"{name}:{step}")  # KDPRUNE_SIGNAL_AT: a real SIGTERM
             if not is_last and step % stop_every == 0 and preemption.stop_requested():
                 _save_and_stop(name, step, num_steps, state, meta, data_iter, ckpt, ckpt_dir,
                                saved=step % checkpoint_every_steps == 0,
