@@ -41,14 +41,17 @@ def cli_env(devices: int, extra_env: dict | None = None) -> dict:
 
 def run_cli(args: list[str], *, num_processes: int, devices_per_process: int,
             timeout: float = 600, env_per_process: list[dict] | None = None,
-            heartbeat_timeout_seconds: int = 60, log_dir: str | None = None) -> list[Proc]:
+            heartbeat_timeout_seconds: int = 60, log_dir: str | None = None,
+            distributed: bool = False) -> list[Proc]:
     """Run ``python -m kdprune_jax.main ARGS`` as `num_processes` cooperating processes
-    (or one plain process when num_processes == 1); returns each one's outcome.
+    (or one plain process when num_processes == 1, unless `distributed`: then one process
+    that joins JAX's distributed runtime, with its gloo collectives); returns each one's
+    outcome.
 
     Output goes to files (``log_dir/p<i>.{out,err}``) rather than pipes, so a process that
     prints a lot never blocks on a full pipe, and a timed-out run still leaves its logs."""
     base = [sys.executable, "-m", "kdprune_jax.main", *args]
-    if num_processes > 1:
+    if num_processes > 1 or distributed:
         port = free_port()
         base += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
                  f"--heartbeat_timeout_seconds={heartbeat_timeout_seconds}"]
@@ -56,7 +59,7 @@ def run_cli(args: list[str], *, num_processes: int, devices_per_process: int,
     os.makedirs(log_dir, exist_ok=True)
     procs, files, t0 = [], [], time.perf_counter()
     for i in range(num_processes):
-        cmd = base + ([f"--process_id={i}"] if num_processes > 1 else [])
+        cmd = base + ([f"--process_id={i}"] if num_processes > 1 or distributed else [])
         env = cli_env(devices_per_process, (env_per_process or [{}] * num_processes)[i])
         fo = open(os.path.join(log_dir, f"p{i}.out"), "w+")
         fe = open(os.path.join(log_dir, f"p{i}.err"), "w+")

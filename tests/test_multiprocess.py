@@ -53,12 +53,19 @@ def _ok(procs):
 @pytest.mark.parametrize("method", ["el2n", "ifbeta"])
 def test_two_processes_equal_one_process_with_8_devices(tmp_path, method):
     """Teacher training, proxies / features, scoring or policy learning, selection, student
-    training and eval: 2 x 4 devices give the subset, scores and student params of 1 x 8."""
+    training and eval: 2 x 4 devices give the subset, scores and student params of 1 x 8.
+
+    The 1 x 8 reference joins JAX's distributed runtime as a single process, so both sides
+    reduce across devices with the same collectives (gloo) and what is compared is the
+    split of the mesh over processes. A plain process all-reduces in-process, summing in
+    another order, and training amplifies that rounding difference: on an Intel Xeon the
+    plain 1 x 8 run's student left these tolerances after the smoke runs' 42 steps."""
     extra = [f"--config.prune.method={method}"]
     if method == "ifbeta":
         extra += ["--config.policy.max_steps=3"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    _ok(run_cli([*SMOKE, *extra, f"--workdir={one}"], num_processes=1, devices_per_process=8))
+    _ok(run_cli([*SMOKE, *extra, f"--workdir={one}"], num_processes=1, devices_per_process=8,
+                distributed=True))
     procs = run_cli([*SMOKE, *extra, f"--workdir={two}"], num_processes=2,
                     devices_per_process=4, log_dir=str(tmp_path / "logs"))
     _ok(procs)
