@@ -397,16 +397,25 @@ def run(config, workdir: str) -> dict:
 
 
 def _lock_workdir(workdir: str) -> None:
-    holder = None
+    """Process 0 takes the lock; with several processes it broadcasts the outcome (taken,
+    busy, or an OS error), so that no process goes on, or waits, alone."""
+    holder, error = None, None
     if jax.process_index() == 0:
-        holder = workdir_lock.try_acquire(workdir, log=_log)
+        try:
+            holder = workdir_lock.try_acquire(workdir, log=_log)
+        except OSError as e:
+            error = e
+    status = 2 if error is not None else int(holder is not None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        busy = multihost_utils.broadcast_one_to_all(np.int32(holder is not None))
-        if int(busy) and holder is None:
-            holder = {"unreadable": True}  # the text comes from process 0's record below
-            holder = workdir_lock.read_holder(workdir) or holder
+        status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+        if status == 1 and holder is None:
+            holder = workdir_lock.read_holder(workdir) or {"unreadable": True}
+    if status == 2:
+        why = getattr(error, "strerror", None) or error or "process 0 could not"
+        raise ConfigError("--workdir", workdir,
+                          f"a directory where the run can create its lock file; here: {why}")
     if holder is not None:
         raise workdir_lock.WorkdirBusyError(
             f"workdir {os.path.abspath(workdir)} is in use by "

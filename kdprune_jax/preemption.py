@@ -16,9 +16,10 @@ it must be called with one ever-increasing counter across loops. One Python hand
 the same with one process or many; with several processes the per-step flag is agreed on
 by an all-gather (`jax.experimental.multihost_utils.process_allgather`), so every process
 stops after the same step and saves the same checkpoint, whichever process got the signal.
-A second signal during the save only sets the flag again: the save completes (orbax
+A second SIGTERM during the save only sets the flag again: the save completes (orbax
 writes to a temporary directory and renames it when complete, so even a SIGKILL then leaves
-the previous checkpoint intact).
+the previous checkpoint intact). A second Ctrl-C (SIGINT) raises KeyboardInterrupt at once,
+for a person who does not want to wait.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class Preempted(UserError):
 
 
 def _handler(signum, _frame):
-    _SIGNAL.append(signal.Signals(signum).name)
+    name = signal.Signals(signum).name
+    if name == "SIGINT" and "SIGINT" in _SIGNAL:
+        raise KeyboardInterrupt  # a second Ctrl-C: the person wants out now, unsaved
+    _SIGNAL.append(name)
     _FLAG.set()
 
 
@@ -82,7 +86,9 @@ def stop_requested() -> bool:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.int32(_FLAG.is_set()))
+    # Called inside the training loop's transfer guard: the gather's host copy is intended.
+    with jax.transfer_guard("allow"):
+        flags = multihost_utils.process_allgather(np.int32(_FLAG.is_set()))
     return bool(np.any(flags))
 
 

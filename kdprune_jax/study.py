@@ -1,7 +1,7 @@
 r"""The study runner: a grid of ordinary pipeline runs, shared artifacts, claims, a report.
 
     python -m kdprune_jax.study run    --config=configs/study/cifar10.py --root=DIR [--dry_run]
-                                       [--cells=ID,ID] [--shard=i/n] [--worker=NAME]
+                                       [--cells=ID|ID] [--shard=i/n] [--worker=NAME]
     python -m kdprune_jax.study status --config=... --root=DIR
     python -m kdprune_jax.study report --config=... --root=DIR [--out=results/<name>] [--check]
 
@@ -29,10 +29,12 @@ themselves, so a killed worker's unit resumes from its last checkpoint in whiche
 claims it next (a dead worker's lock is taken over). `claims.log` gets one line per unit
 start: (unit, worker, pid).
 
-SIGTERM/SIGINT stop the worker at once (the unit in flight resumes from its checkpoints on
-the next start); SIGSTOP/SIGCONT pause it (a paused worker's claims stay valid: its pid is
-alive). Every cell records its wall time and the machine's load average in cell.json; the
-study's machine-hours are the sum of the cells' and units' wall times.
+SIGTERM/SIGINT stop the worker: a training loop saves the step it finished, a pass stops at
+its next batch, and the worker exits (status 3) with the rerun command; the unit in flight
+resumes from its checkpoints on the next start. SIGSTOP/SIGCONT pause it (a paused
+worker's claims stay valid: its pid is alive). Every cell records its wall time and the
+machine's load average in cell.json; the study's machine-hours are the sum of the cells'
+and units' wall times.
 """
 
 from __future__ import annotations
@@ -46,13 +48,12 @@ import itertools
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-from kdprune_jax import workdir_lock
+from kdprune_jax import preemption, workdir_lock
 from kdprune_jax.errors import ConfigError, UserError
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,6 +345,8 @@ def run_study(plan: Plan, cells: list[Cell], worker: str, poll_seconds: float = 
             break
         progressed = False
         for u in left:
+            if preemption.requested():
+                raise StudyStopped(f"{preemption.signal_name()} between units")
             if not all(plan.units[d].done() for d in u.deps):
                 continue
             holder = workdir_lock.try_acquire(u.workdir, log=_log)
@@ -365,7 +368,7 @@ def run_study(plan: Plan, cells: list[Cell], worker: str, poll_seconds: float = 
                                             "wall_seconds": round(wall, 3),
                                             "loadavg": [round(x, 2) for x in os.getloadavg()],
                                             "loadavg_at_start": [round(x, 2) for x in load0],
-                                            "finished": u.done() or u.kind == "cell",
+                                            "finished": u.done(),
                                             "commit": _git_commit()}) + "\n")
                 if u.kind == "cell":
                     _write_cell_record(u)
@@ -538,11 +541,19 @@ def _tables(plan: Plan, rows: list[dict]) -> str:
     random with the same (keep fraction, alpha, teacher, seed)."""
     out = []
     by_id = {r["cell"]: r for r in rows}
+    seen = set()
     for grid in plan.study.grids:
+        if grid.name in seen:  # several grid entries may share a table (one name)
+            continue
+        seen.add(grid.name)
         grows = [r for r in rows if grid.name in plan.units[f"cell/{r['cell']}"].cell.grids]
         if not grows:
             continue
-        axes = [f for f, _ in grid.axes if f not in ("seed", "prune.keep_fraction")]
+        axes = []
+        for g in plan.study.grids:
+            if g.name == grid.name:
+                axes += [f for f, _ in g.axes if f not in ("seed", "prune.keep_fraction")
+                         and f not in axes]
         keeps = sorted({r["prune.keep_fraction"] for r in grows
                         if "prune.keep_fraction" in r})
         out.append(f"### {grid.name}: {grid.get('title', '')}\n")
@@ -727,10 +738,6 @@ def _compilation_cache() -> None:
         jax.config.update("jax_compilation_cache_dir", cache)
 
 
-def _stop(signum, _frame):
-    raise StudyStopped(signal.Signals(signum).name)
-
-
 def main(argv=None) -> int:
     import argparse
 
@@ -763,16 +770,17 @@ def main(argv=None) -> int:
             return 0
         worker = a.worker or f"{socket.gethostname()}:{os.getpid()}"
         _compilation_cache()
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        # The run's own graceful stop: a training loop saves its step and raises Preempted,
+        # a pass stops at its next batch, and between units the worker stops here.
+        preemption.install()
         n = run_study(plan, cells, worker, poll_seconds=a.poll_seconds)
         print(f"[study] worker {worker}: ran {n} units; nothing left for it")
         return 0
-    except StudyStopped as e:
-        print(f"[study] {e}: stopped; the unit in flight resumes from its last checkpoint "
-              f"when you rerun: python -m kdprune_jax.study run --config={a.config} "
-              f"--root={a.root}", file=sys.stderr, flush=True)
-        return 143
+    except (StudyStopped, preemption.Preempted) as e:
+        print(f"[study] stopped: {e}; rerun to continue (finished units are kept, the one in "
+              f"flight resumes from its checkpoints): python -m kdprune_jax.study run "
+              f"--config={a.config} --root={a.root}", file=sys.stderr, flush=True)
+        return preemption.EXIT_STATUS
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -65,16 +65,26 @@ def lock_path(workdir: str) -> str:
 
 def read_holder(workdir: str) -> dict | None:
     """The lock's contents (plus its heartbeat age in seconds), or None when unlocked."""
-    path = lock_path(workdir)
+    return _read(lock_path(workdir))
+
+
+def _read(path: str) -> dict | None:
     try:
+        age = time.time() - os.stat(path).st_mtime
         with open(path) as f:
             holder = json.load(f)
-        holder["heartbeat_age"] = time.time() - os.stat(path).st_mtime
-        return holder if isinstance(holder, dict) else {"unreadable": True}
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # being written right now, or garbage: treat as held
-        return {"unreadable": True, "heartbeat_age": 0.0}
+    except (OSError, ValueError):  # garbage (the lock is written whole, never in part)
+        try:
+            age = time.time() - os.stat(path).st_mtime
+        except OSError:
+            return None
+        return {"unreadable": True, "heartbeat_age": age}
+    if not isinstance(holder, dict):
+        return {"unreadable": True, "heartbeat_age": age}
+    holder["heartbeat_age"] = age
+    return holder
 
 
 def _pid_alive(pid: int) -> bool:
@@ -92,8 +102,13 @@ def stale_reason(holder: dict, stale_after_seconds: float = STALE_AFTER_SECONDS)
     if holder.get("unreadable"):
         age = holder.get("heartbeat_age", 0.0)
         return f"unreadable and untouched for {age:.0f} s" if age > stale_after_seconds else None
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-        return f"pid {holder.get('pid')} on this host is not running"
+    if holder.get("host") == socket.gethostname():
+        # On this host the pid decides: a paused (SIGSTOP) holder is alive, whatever its
+        # heartbeat says. (Containers sharing a hostname but not a pid namespace would
+        # need the pid namespace in the record; not handled.)
+        if not _pid_alive(int(holder.get("pid", -1))):
+            return f"pid {holder.get('pid')} on this host is not running"
+        return None
     if holder.get("heartbeat_age", 0.0) > stale_after_seconds:
         return f"no heartbeat for {holder['heartbeat_age']:.0f} s"
     return None
@@ -108,22 +123,31 @@ def describe(holder: dict) -> str:
 
 
 def _create(path: str, token: str) -> bool:
+    """Write the record to a private file, then hard-link it onto the lock path: the link
+    is the atomic, exclusive step, so a lock file is never seen half-written."""
     body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
                        "command": " ".join(sys.argv), "token": token}).encode()
+    tmp = f"{path}.new-{token}"
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
+        with open(tmp, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
     finally:
-        os.close(fd)
-    return True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _beat(path: str, token: str, stop: threading.Event, every: float) -> None:
+    """Refresh the lock's mtime while it is still ours (never another owner's file)."""
     while not stop.wait(every):
+        if (_read(path) or {}).get("token") != token:
+            return
         with contextlib.suppress(OSError):
             os.utime(path)
 
@@ -156,6 +180,14 @@ def try_acquire(workdir: str, *, log=print, stale_after_seconds: float = STALE_A
                 os.rename(path, aside)
             except FileNotFoundError:
                 continue  # another taker was faster; race it for the fresh lock
+            moved = _read(aside) or {}
+            if moved.get("token") != holder.get("token"):
+                # Between our read and our rename another taker replaced the stale lock
+                # with its own: put that one back (link fails only if yet another exists).
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+                os.unlink(aside)
+                return read_holder(workdir) or moved
             os.unlink(aside)
             log(f"[lock] {workdir}: taking over the lock of {describe(holder)}: {reason}")
         else:
@@ -193,6 +225,8 @@ def release(workdir: str) -> None:
             return
         del _HELD[workdir]
         held.stop.set()
+        if held.thread is not None:
+            held.thread.join(timeout=5)
         try:
             with open(held.path) as f:
                 mine = json.load(f).get("token") == held.token

@@ -240,12 +240,30 @@ def files(tmp_path_factory, done):
     with open(out["regular_file"], "w") as f:
         f.write("not a directory\n")
     # Another run's teacher/, trained on data with 3 classes (same architecture and image
-    # size as the digits teacher, so only the class count differs).
-    npz3 = _digits_like_npz(str(d / "three.npz"), 3)
-    three = str(d / "three")
-    pipeline.run(override(done[0], data__source="arrays", data__path=npz3), three)
-    out["teacher_3_classes"] = os.path.join(three, "teacher")
-    return out
+    # size as the digits teacher, so only the class count differs): trained on first use,
+    # so a process that runs no row naming it (the 8-device one) never trains it.
+    def teacher_3_classes():
+        npz3 = _digits_like_npz(str(d / "three.npz"), 3)
+        three = str(d / "three")
+        pipeline.run(override(done[0], data__source="arrays", data__path=npz3), three)
+        return os.path.join(three, "teacher")
+
+    return _Lazy(out, teacher_3_classes=teacher_3_classes)
+
+
+class _Lazy(dict):
+    """A dict whose named entries are computed on first lookup (str.format_map reads only
+    the keys a value names)."""
+
+    def __init__(self, values, **later):
+        super().__init__(values)
+        self._later = later
+
+    def __missing__(self, key):
+        if key not in self._later:
+            raise KeyError(key)
+        self[key] = self._later.pop(key)()
+        return self[key]
 
 
 @pytest.fixture
@@ -266,7 +284,7 @@ def compiles():
 
 
 def _resolve(fields, files):
-    return {k: v.format(**files) if isinstance(v, str) else v for k, v in fields.items()}
+    return {k: v.format_map(files) if isinstance(v, str) else v for k, v in fields.items()}
 
 
 def test_the_table_is_long_enough():
@@ -281,6 +299,7 @@ def test_bad_input_stops_before_any_training(done, files, compiles, monkeypatch,
                                              exc, field, allowed):
     config, workdir = done
     fields = _resolve(fields, files)
+    compiles.clear()  # an input file made on first use (above) is not the bad input's work
     target = fields.pop("__workdir", workdir)
     free = fields.pop("__free_bytes", None)
     if free is not None:
@@ -369,12 +388,12 @@ CLI = [
 @pytest.mark.parametrize("name,flags,workdir,line", CLI, ids=[r[0] for r in CLI])
 def test_cli_prints_one_error_line_and_exits_2(done, files, tmp_path, name, flags, workdir,
                                                line):
-    ctx = {**files, "fresh": str(tmp_path / "fresh")}
-    workdir = (workdir or done[1]).format(**ctx)
+    ctx = _Lazy(files, **files._later, fresh=lambda: str(tmp_path / "fresh"))
+    workdir = (workdir or done[1]).format_map(ctx)
     before = snapshot(done[1])
     proc = subprocess.run(
         [sys.executable, "-m", "kdprune_jax.main", f"--config={SMOKE}", f"--workdir={workdir}",
-         *(f.format(**ctx) for f in flags)],
+         *(f.format_map(ctx) for f in flags)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=cli_env(8),  # 8 devices, whatever this process has (the batch row needs them)
     )

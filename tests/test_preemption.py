@@ -20,8 +20,10 @@ BASE = ["--config=configs/quickstart.py:smoke"]
 
 
 def _cli(workdir, env=None, extra=()):
+    # One device: these test stopping and resuming, not sharding (the SIGKILL resume tests
+    # of tests/test_faults.py run on 8).
     (p,) = run_cli(BASE + [f"--workdir={workdir}", *extra], num_processes=1,
-                   devices_per_process=8, timeout=600, env_per_process=[env or {}],
+                   devices_per_process=1, timeout=600, env_per_process=[env or {}],
                    log_dir=f"{workdir}.logs")
     return p
 
@@ -63,7 +65,7 @@ def test_sigterm_saves_the_step_and_the_rerun_equals_uninterrupted(reference, tm
     assert not os.path.exists(wd / workdir_lock.LOCK_NAME)  # released on the way out
     resumed = _cli(wd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "classes; 8 devices" in resumed.stdout
+    assert "classes; 1 devices" in resumed.stdout
     assert f"[{stage}] resumed from step 13/21" in resumed.stdout
     assert _answer(wd) == reference  # bitwise: same program, same device count
 
@@ -111,6 +113,36 @@ def test_a_held_workdir_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pat
     workdir_lock.release(wd)
     assert len(lines) == 1 and f"pid {dead} on this host is not running" in lines[0], lines
     assert not os.path.exists(os.path.join(wd, workdir_lock.LOCK_NAME))
+
+
+def test_a_takeover_never_removes_a_lock_another_taker_just_made(tmp_path, monkeypatch):
+    """Two takers judge the same dead lock stale; the slower one must not move aside the
+    fresh lock the faster one has written meanwhile."""
+    import socket
+
+    wd = str(tmp_path)
+    path = os.path.join(wd, workdir_lock.LOCK_NAME)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    with open(path, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": dead, "token": "dead"}, f)
+    real = workdir_lock.read_holder
+
+    def racing(workdir):
+        holder = real(workdir)
+        if holder and holder.get("token") == "dead":  # the faster taker wins right now
+            os.unlink(path)
+            with open(path, "w") as f:
+                json.dump({"host": socket.gethostname(), "pid": os.getppid(),
+                           "token": "faster"}, f)
+        return holder
+
+    monkeypatch.setattr(workdir_lock, "read_holder", racing)
+    got = workdir_lock.try_acquire(wd, log=lambda *_: None, heartbeat_seconds=0)
+    assert got is not None and got.get("token") == "faster", got
+    with open(path) as f:
+        assert json.load(f)["token"] == "faster"  # still there, still the faster one's
+    assert [n for n in os.listdir(wd) if n != workdir_lock.LOCK_NAME] == []
 
 
 def test_two_runs_started_together_one_proceeds(tmp_path):
