@@ -7,9 +7,9 @@ on a 2-core machine everything replicated (parameter updates, head solves,
 eigendecompositions) runs 8 times, which tests of numbers, not of sharding, do not need.
 Tests that compare sharded with single-device results are marked ``multidevice`` and run
 in a second process with ``KDPRUNE_TEST_DEVICES=8``, which tests/test_multidevice.py starts
-(so the README's one command, ``python -m pytest -n 2 --dist loadfile``, runs both):
+(so the README's one command, ``python -m pytest -n 3 --dist loadfile``, runs both):
 
-    python -m pytest -n 2 --dist loadfile               # 1 device + the 8-device process
+    python -m pytest -n 3 --dist loadfile               # 1 device + the 8-device process
     KDPRUNE_TEST_DEVICES=8 python -m pytest -m multidevice   # only the 8-device tests
 
 Tests that start the CLI in subprocesses (kill/resume, multi-process, CLI errors) give

@@ -3,7 +3,7 @@ message names the device count), run in their own pytest process with 8 simulate
 
 XLA fixes the device count when a process starts, and every other test runs on one device
 (tests/conftest.py), so this test starts ``KDPRUNE_TEST_DEVICES=8 python -m pytest -m
-multidevice`` and passes only if every one of them passes there. Under ``pytest -n 2`` it
+multidevice`` and passes only if every one of them passes there. Under xdist (``pytest -n 3``) it
 runs beside the 1-device tests instead of after them. To run them directly:
 
     KDPRUNE_TEST_DEVICES=8 python -m pytest -m multidevice

@@ -71,9 +71,10 @@ def test_two_processes_equal_one_process_with_8_devices(tmp_path, method):
     _ok(procs)
     assert "8 devices" in procs[0].stdout and "results:" in procs[0].stdout
     # Gloo's own connection message ("[Gloo] Rank 1 is connected to 1 peer ranks. ...") is
-    # not ours; it is sometimes split over two lines, so both halves are recognized.
-    ours = [ln for ln in procs[1].stdout.splitlines()
-            if not ln.startswith("[Gloo]") and "peer ranks" not in ln]
+    # not ours; it is sometimes split over two lines (or leaves an empty one), so both
+    # halves and blank lines are recognized.
+    ours = [ln for ln in procs[1].stdout.splitlines() if ln.strip()
+            and not ln.startswith("[Gloo]") and "peer ranks" not in ln]
     assert ours == [], "only process 0 prints (and writes) results"
 
     sub1, sub2 = (json.load(open(os.path.join(w, "subset.json"))) for w in (one, two))
