@@ -257,7 +257,8 @@ class Plan:
             extra["prune.scores_file"] = u.done_file
         elif method == "ifbeta":
             wd = os.path.join(self.root, "features", t)
-            u = self._add(Unit("features", f"features/{t}", wd, config,
+            u = self._add(Unit("features", f"features/{t}", wd,
+                               apply_overrides(config, {"ifbeta.features_dir": ""}),
                                os.path.join(wd, "features", "meta.json"),
                                deps=(f"teacher/{t}",)))
             deps.append(u.name)
@@ -316,8 +317,6 @@ def _run_unit(u: Unit) -> None:
     if u.kind == "scores":
         score_stage.compute_scores(config, ds, mesh, u.workdir, writer, _log, model)
     elif u.kind == "features":
-        with config.unlocked():
-            config.ifbeta.features_dir = ""
         ifbeta_stage.teacher_features(config, ds, mesh, u.workdir, model, _log)
 
 
@@ -656,7 +655,7 @@ def _provenance(plan: Plan, units: list[Unit]) -> dict:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
-    commits = sorted({c for u in units for a in _read_attempts(u) for c in [a["commit"]]})
+    commits = sorted({a["commit"] for u in units for a in _read_attempts(u)})
     hours = sum(a["wall_seconds"] for u in plan.units.values() for a in _read_attempts(u)
                 if u.done()) / 3600
     return {"study": plan.study.name, "study_config": plan.study.get("source", ""),
