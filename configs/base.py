@@ -64,7 +64,12 @@ def get_config():
     # views of each kept example are computed once (DIR/teacher_views/, float16) and the
     # student trains on those views without running the teacher: pays off when the student
     # trains for more than V epochs (benchmarks/cached_teacher.py). 0 = live teacher.
-    c.kd = ml_collections.ConfigDict(dict(alpha=0.9, temperature=4.0, teacher_views=0))
+    # alpha: a number in [0, 1] or "auto": the weight for prune.keep_fraction read from the
+    # rule file kd.alpha_rule (fitted on validation accuracy by the study report; README
+    # "Results"). An object-typed field, so that one field takes both.
+    c.kd = ml_collections.ConfigDict(dict(
+        alpha=ml_collections.FieldReference(0.9, field_type=object), temperature=4.0,
+        teacher_views=0, alpha_rule=""))
 
     c.prune = ml_collections.ConfigDict(dict(
         # random | el2n | teacher_el2n | grand | grand_last_layer | forgetting | entropy |
@@ -96,7 +101,7 @@ def get_config():
         temperature=4.0,
         l2=1e-4,  # mu: L2 of the refit head (scope head)
         head_max_iters=500,  # L-BFGS iterations for the head fit
-        solver="cg",  # exact | cg | lissa
+        solver="cg",  # exact | cg | lissa | diag_fisher (scopes head, last_layer)
         damping=1e-3,
         max_iters=200,
         tol=1e-5,
@@ -111,7 +116,7 @@ def get_config():
         kd_weight=0.9,  # lam of the KD-aligned proxy loss (keep < 1: see METHOD §5.8)
         temperature=4.0,
         l2=1e-4,  # mu
-        influence_solver="cg",  # exact | cg (the influence ranks u)
+        influence_solver="cg",  # exact | cg | diag_fisher (the influence ranks u)
         damping=1e-3,
         val2_fraction=0.5,  # share of the validation split used for early stopping (V2)
         feature_dtype="float32",  # float32 | float16 | bfloat16 storage of cached features

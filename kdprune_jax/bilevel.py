@@ -191,8 +191,8 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
             shift=s.l2 + s.damping)
         precond = functools.partial(head_lib.kronecker_inverse, factors)
         fallback = factors["fallback"]
-    v, cg_info = autodiff.solve_cg(lambda th: _inner_objective(th, pi, prob.train, s), theta,
-                                   g_out, damping=s.damping, max_iters=s.cg_max_iters,
+    v, cg_info = autodiff.solve_cg(lambda th, train: _inner_objective(th, pi, train, s), theta,
+                                   prob.train, g_out, damping=s.damping, max_iters=s.cg_max_iters,
                                    tol=s.cg_tol, x0=v0, preconditioner=precond)
     cg_info = {**cg_info, "preconditioner_fallback": fallback}
 

@@ -12,11 +12,11 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from kdprune_jax import scoring, sharding
-from kdprune_jax.autodiff import SOLVERS
+from kdprune_jax import kd_alpha, scoring, sharding
 from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
 from kdprune_jax.errors import ConfigError
 from kdprune_jax.models import MODEL_NAMES
+from kdprune_jax.scoring.influence import INFLUENCE_SOLVERS
 from kdprune_jax.selection import DIRECTIONS, RULES
 from kdprune_jax.train.state import SCHEDULES
 
@@ -92,8 +92,13 @@ def _check_scoring(config, n_dev) -> None:
             "ce when influence.model=teacher with scope last_layer/full (the teacher's KD loss "
             "against itself has zero gradient for every example); or use model=proxy, or "
             "scope=head")
-    if i.solver not in SOLVERS:
-        raise ConfigError("influence.solver", i.solver, ", ".join(SOLVERS))
+    if i.solver not in INFLUENCE_SOLVERS:
+        raise ConfigError("influence.solver", i.solver, ", ".join(INFLUENCE_SOLVERS))
+    if i.solver == "diag_fisher" and i.scope == "full":
+        raise ConfigError("influence.solver", i.solver,
+                          "exact, cg, lissa with influence.scope=full (diag_fisher needs "
+                          "per-example gradients of every parameter, which this stage "
+                          "computes for scopes head and last_layer only)")
     if not 0 <= i.kd_weight <= 1:
         raise ConfigError("influence.kd_weight", i.kd_weight, "a number in [0, 1]")
     _positive("influence.temperature", i.temperature)
@@ -121,8 +126,9 @@ def _check_scoring(config, n_dev) -> None:
                           min(ib.damping, po.damping),
                           "a number > 0 with ifbeta.head=mlp (its Hessian is indefinite; "
                           "CG needs damping above its most negative eigenvalue)")
-    if ib.influence_solver not in ("exact", "cg"):
-        raise ConfigError("ifbeta.influence_solver", ib.influence_solver, "exact, cg")
+    if ib.influence_solver not in ("exact", "cg", "diag_fisher"):
+        raise ConfigError("ifbeta.influence_solver", ib.influence_solver,
+                          "exact, cg, diag_fisher")
     if not 0 < ib.val2_fraction < 1:
         raise ConfigError("ifbeta.val2_fraction", ib.val2_fraction, "a number in (0, 1)")
     if ib.feature_dtype not in ("float32", "float16", "bfloat16"):
@@ -159,6 +165,7 @@ def _check_scoring(config, n_dev) -> None:
 
 def validate(config) -> None:
     """Raise ConfigError for the first invalid field (see module docstring)."""
+    config = kd_alpha.resolve(config)  # kd.alpha="auto": its rule file read and checked
     n_dev = jax.device_count()
     d = config.data
     if d.source not in SOURCE_KINDS:
@@ -183,6 +190,13 @@ def validate(config) -> None:
         raise ConfigError("data.std", d.std, "positive numbers, one per entry of data.mean")
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "an integer >= 0")
+    # The sources slice with it (labels[:max_per_class]): a negative value would silently
+    # drop the last examples of each class, or (image folders) every image.
+    mpc = d.get("max_per_class", 0)
+    if isinstance(mpc, bool) or not isinstance(mpc, int) or mpc < 0:
+        raise ConfigError("data.max_per_class", mpc,
+                          "an integer >= 0 (0 = every example; N > 0 = the first N of each "
+                          "class)")
     if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
         raise ConfigError("compute_dtype", config.compute_dtype, ", ".join(COMPUTE_DTYPES))
 

@@ -12,7 +12,6 @@ following METHOD.md §5; every "our choice" there is a field of config.ifbeta / 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import shutil
 import time
@@ -243,14 +242,17 @@ def build_problem(config, ds, feats, logits, log):
     val_obj = lambda p, b: jnp.mean(head_lib.head_losses(p, b, lam=lam, temperature=tau))  # noqa: E731
     precond = None
     if kron:
-        precond = functools.partial(head_lib.kronecker_preconditioner, lam=lam,
-                                    temperature=tau, shift=l2 + ib.damping)
+        precond = head_lib.KroneckerPreconditioner(lam=lam, temperature=tau,
+                                                   shift=l2 + ib.damping)
+    per_ex = lambda p, b: head_lib.head_losses(p, b, lam=lam, temperature=tau)  # noqa: E731
     s, sinfo = scoring.s_test(obj, val_obj, theta, train, val1, solver=ib.influence_solver,
                               damping=ib.damping, max_iters=config.policy.cg_max_iters,
-                              tol=config.policy.cg_tol, preconditioner=precond)
+                              tol=config.policy.cg_tol, preconditioner=precond,
+                              example_losses=per_ex, check=False)
     scoring.check_solve(sinfo, solver=ib.influence_solver, tol=config.policy.cg_tol,
-                        where="ifbeta", iters_field="policy.cg_max_iters")
-    per_ex = lambda p, b: head_lib.head_losses(p, b, lam=lam, temperature=tau)  # noqa: E731
+                        where="ifbeta influence ranks",
+                        settings=dict(damping=ib.damping, max_iters=config.policy.cg_max_iters),
+                        names={"damping": "ifbeta.damping", "max_iters": "policy.cg_max_iters"})
     infl = np.asarray(scoring.influence_from_s_test(per_ex, theta, train, s))
     u = policy.within_class_ranks(infl, labels[ds.pool], ds.train.num_classes,
                                   seed=config.prune.seed)

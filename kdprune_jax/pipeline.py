@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -31,6 +32,7 @@ from kdprune_jax import (
     data,
     faults,
     ifbeta_stage,
+    kd_alpha,
     models,
     score_stage,
     scoring,
@@ -72,7 +74,11 @@ class Data:
 def load_data(config) -> Data:
     d = config.data
     train = data.load_split(d, d.train_split)
+    data.check_train_labels(train, data.describe_split(d, d.train_split),
+                            inferred=d.source == "arrays", allow_missing=d.source == "tfds")
     test = data.load_split(d, d.eval_split)
+    if d.source == "arrays":
+        test = data.with_train_classes(test, train, data.describe_split(d, d.eval_split))
     if test.num_classes != train.num_classes:
         raise ConfigError("data.eval_split", d.eval_split,
                           f"a split with the train split's {train.num_classes} classes "
@@ -83,6 +89,16 @@ def load_data(config) -> Data:
     # The validation split is carved on the clean labels and stays clean: label noise
     # (a robustness experiment) corrupts only the pool that training and selection see.
     pool, val = data.stratified_split(train.labels, d.val_fraction, d.val_seed)
+    n_train = np.bincount(train.labels, minlength=train.num_classes)
+    n_pool = np.bincount(train.labels[pool], minlength=train.num_classes)
+    emptied = (n_pool == 0) & (n_train > 0)  # a class absent from train is TFDS's slice
+    if np.any(emptied):
+        c, need = int(np.flatnonzero(emptied)[0]), _pool_needed(config, n_train)
+        raise ConfigError("data.val_fraction", d.val_fraction,
+                          f"a fraction leaving every class at least {need} training "
+                          f"example{'s' if need > 1 else ''} outside the validation split "
+                          f"(it takes all {n_train[c]} of class {c}); "
+                          + _use_val_fraction(n_train, need))
     labels, flipped = train.labels, np.zeros(0, np.int64)
     if d.label_noise > 0:
         noisy, flipped_pos = data.symmetric_label_noise(
@@ -276,6 +292,11 @@ def _kd_fingerprint(config) -> dict:
     kd = config.kd.to_dict()
     if not kd.get("teacher_views") or not kd.get("alpha"):  # off, or no KD term to feed
         kd.pop("teacher_views", None)
+    # kd.alpha="auto" is resolved before this (kd_alpha.resolve): the key holds the weight
+    # and the rule file's sha256 (only then), never the rule's path.
+    kd.pop("alpha_rule", None)
+    if not kd.get("alpha_rule_sha256"):
+        kd.pop("alpha_rule_sha256", None)
     return kd
 
 
@@ -386,6 +407,7 @@ def run(config, workdir: str) -> dict:
     end: a second run on the same workdir stops at once with one line naming the holder.
     With several processes, process 0 takes the lock and tells the others the outcome."""
     t_start = time.perf_counter()
+    config = kd_alpha.resolve(config)  # before any key: "auto" becomes its number
     config_checks.validate(config)
     config_checks.check_workdir(workdir)
     _lock_workdir(workdir)
@@ -423,6 +445,49 @@ def _lock_workdir(workdir: str) -> None:
             f"whose process has died is taken over automatically)")
 
 
+def _class_keep_counts(config, ds: Data) -> np.ndarray:
+    """`selection.class_keep_counts` of the pool. When a class would keep none only because
+    the validation split left it too few examples in the pool (every class has enough
+    before it), the error names data.val_fraction, the field to change, not
+    prune.keep_fraction."""
+    p, d, c = config.prune, config.data, ds.train.num_classes
+    try:
+        return selection.class_keep_counts(ds.train_labels[ds.pool], p.keep_fraction, c)
+    except ConfigError as e:
+        if e.field != "prune.keep_fraction" or d.val_fraction == 0:
+            raise
+        n_train = np.bincount(ds.train.labels, minlength=c)
+        need = _pool_needed(config, n_train)
+        if need == 1:  # too few examples even before the validation split
+            raise
+        n_pool = np.bincount(ds.train.labels[ds.pool], minlength=c)
+        worst = int(np.argmin(n_pool))
+        raise ConfigError(
+            "data.val_fraction", d.val_fraction,
+            f"a fraction leaving every class at least {need} training examples outside the "
+            f"validation split, so that prune.keep_fraction={p.keep_fraction} keeps one of "
+            f"each (class {worst} has {n_pool[worst]} of its {n_train[worst]} left); "
+            + _use_val_fraction(n_train, need)) from None
+
+
+def _pool_needed(config, n_train: np.ndarray) -> int:
+    """Pool examples every class needs after the validation split: one, and with balanced
+    selection enough for prune.keep_fraction to keep one of each (floor(f * n) >= 1), when
+    every class has that many before the split (else keep_fraction is what to change)."""
+    p = config.prune
+    if p.balanced and 0 < p.keep_fraction <= 1:
+        need = math.ceil(1 / p.keep_fraction)
+        if n_train.min() >= need:
+            return need
+    return 1
+
+
+def _use_val_fraction(n_train: np.ndarray, need: int) -> str:
+    """The advice closing a data.val_fraction message: a fraction that leaves `need`."""
+    bound = data.largest_fraction_leaving(n_train, need)
+    return f"use data.val_fraction <= {bound:g}" if bound > 0 else "use data.val_fraction=0"
+
+
 def _run(config, workdir: str, t_start: float) -> dict:
     mesh = sharding.make_mesh()
     writer = MetricsWriter(workdir)
@@ -437,8 +502,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
     # Data-dependent checks before any training: a class left empty, batch vs subset size.
     p = config.prune
     if p.balanced:
-        n_keep = int(selection.class_keep_counts(ds.train_labels[ds.pool], p.keep_fraction,
-                                                 ds.train.num_classes).sum())
+        n_keep = int(_class_keep_counts(config, ds).sum())
     else:
         n_keep = int(round(p.keep_fraction * len(ds.pool)))
     if n_keep < config.student.optim.batch_size and not config.student.equal_steps:

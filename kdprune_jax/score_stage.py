@@ -242,6 +242,15 @@ def _load_rows(ds, config, indices, mesh, teacher_logits=None):
     return jax.device_put(batch, sharding.batch_sharded(mesh))
 
 
+def _check_influence_solve(info, i):
+    """The library's convergence check, its advice naming the config fields."""
+    scoring.check_solve(info, solver=i.solver, tol=i.tol, where="influence scores",
+                        settings=dict(damping=i.damping, max_iters=i.max_iters,
+                                      lissa_scale=i.lissa_scale),
+                        names={k: f"influence.{k}" for k in ("damping", "max_iters",
+                                                             "lissa_scale")})
+
+
 def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Model | None,
                          t_logits=None, t_feats=None):
     """influence / self_influence over the train split, per config.influence (see module)."""
@@ -286,20 +295,21 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
                                       l2=l2)
         val_obj = lambda p, b: jnp.mean(per_ex(p, b))  # noqa: E731
         if method == "self_influence":
-            def one(p, ex):
-                return per_ex(p, jax.tree.map(lambda a: a[None], ex))[0]
             out = np.full(len(ds.train), np.nan, np.float32)
             for start in range(0, len(all_idx), 4096):
                 idx = all_idx[start:start + 4096]
-                out[idx] = np.asarray(scoring.self_influence(
-                    one, train_obj, theta, train_b, rows(idx),
-                    solver="exact" if i.solver == "exact" else "cg",
-                    damping=i.damping, max_iters=i.max_iters, tol=i.tol))
+                got, info = scoring.self_influence(
+                    per_ex, train_obj, theta, train_b, rows(idx), solver=i.solver,
+                    damping=i.damping, max_iters=i.max_iters, tol=i.tol,
+                    lissa_scale=i.lissa_scale, check=False)
+                _check_influence_solve(info, i)
+                out[idx] = np.asarray(got)
             return out
         s, info = scoring.s_test(train_obj, val_obj, theta, train_b, val_b, solver=i.solver,
                                  damping=i.damping, max_iters=i.max_iters, tol=i.tol,
-                                 lissa_scale=i.lissa_scale)
-        scoring.check_solve(info, solver=i.solver, tol=i.tol)
+                                 lissa_scale=i.lissa_scale, example_losses=per_ex,
+                                 check=False)
+        _check_influence_solve(info, i)
         out = np.full(len(ds.train), np.nan, np.float32)
         for start in range(0, len(all_idx), 8192):
             idx = all_idx[start:start + 8192]
@@ -322,8 +332,8 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
     train_obj = lambda p, b: jnp.mean(loss_fn(p, bs, b))  # noqa: E731
     s, info = scoring.s_test(train_obj, train_obj, params, hess_b, val_b, solver=i.solver,
                              damping=i.damping, max_iters=i.max_iters, tol=i.tol,
-                             lissa_scale=i.lissa_scale)
-    scoring.check_solve(info, solver=i.solver, tol=i.tol)
+                             lissa_scale=i.lissa_scale, check=False)
+    _check_influence_solve(info, i)
     log(f"[scores] s_test: {int(info['iterations'])} {i.solver} iterations, relative "
         f"residual {float(info['residual']):.2e}")
 
@@ -349,9 +359,9 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
 # ----------------------------------------------------------------------------- dispatch
 def _grand_fn(graphdef, chunk_size, mesh):
     def local(params, bs, image, label):
-        def loss(p, ex):
-            logits = nnx.merge(graphdef, p, bs)(ex["image"][None], train=False)
-            return losses.cross_entropy(logits, ex["label"][None])[0]
+        def loss(p, batch):
+            logits = nnx.merge(graphdef, p, bs)(batch["image"], train=False)
+            return losses.cross_entropy(logits, batch["label"])
 
         return scoring.grand_scores(loss, params, {"image": image, "label": label},
                                     chunk_size=chunk_size)

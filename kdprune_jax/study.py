@@ -39,6 +39,7 @@ and units' wall times.
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -53,7 +54,7 @@ import subprocess
 import sys
 import time
 
-from kdprune_jax import preemption, workdir_lock
+from kdprune_jax import kd_alpha, preemption, workdir_lock
 from kdprune_jax.errors import ConfigError, UserError
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,9 @@ def base_config(study):
 def apply_overrides(config, fields: dict):
     """Copy of a (locked) run config with dotted fields replaced, as --config.a.b=v does:
     a field the config does not have is a ConfigError naming it."""
-    c = config.copy_and_resolve_references()
+    # deepcopy, not copy_and_resolve_references: that would fix kd.alpha's type to
+    # float, and "auto" could no longer be set (its field is object-typed).
+    c = copy.deepcopy(config)
     with c.unlocked():
         for key, v in fields.items():
             *path, last = key.split(".")
@@ -712,8 +715,45 @@ def report(plan: Plan, out_dir: str, check: bool = False) -> int:
     with open(os.path.join(out_dir, "provenance.json"), "w") as f:
         json.dump(_provenance(plan, done), f, indent=1, sort_keys=True)
         f.write("\n")
+    rule = alpha_rule(plan, done, rows)
+    if rule is not None:
+        with open(os.path.join(out_dir, "kd_alpha_rule.json"), "w") as f:
+            json.dump(rule, f, indent=1, sort_keys=True)
+            f.write("\n")
     print(f"report: {len(done)}/{len(cells)} cells -> {out_dir}")
     return 0
+
+
+def alpha_rule(plan: Plan, done: list[Unit], rows: list[dict]) -> dict | None:
+    """The `kd.alpha="auto"` rule (`kd_alpha.fit_rule`) from the finished cells of the grid
+    the study names in `alpha_rule_grid` (a KD-weight x kept-fraction sweep), fitted on the
+    cells' VALIDATION accuracy; None when the study names none or no kept fraction has two
+    finished weights yet. Deterministic: the same cells give the same bytes."""
+    grid = plan.study.get("alpha_rule_grid", "")
+    if not grid:
+        return None
+    sweep, cells, commits = [], [], set()
+    for u, r in zip(done, rows):
+        if grid not in u.cell.grids or r.get("val_accuracy") in ("", None):
+            continue
+        f = u.cell.fields
+        sweep.append({"keep_fraction": f["prune.keep_fraction"], "alpha": f["kd.alpha"],
+                      "val_accuracy": r["val_accuracy"]})
+        cells.append(u.cell.id)
+        with open(u.done_file) as fh:
+            commits.update(json.load(fh).get("commits", []))
+    per_keep: dict[float, set] = {}
+    for r in sweep:
+        per_keep.setdefault(r["keep_fraction"], set()).add(r["alpha"])
+    if not any(len(a) >= 2 for a in per_keep.values()):
+        return None
+    # Only kept fractions with a real choice enter the rule.
+    sweep = [r for r in sweep if len(per_keep[r["keep_fraction"]]) >= 2]
+    return kd_alpha.fit_rule(sweep, source={
+        "study": plan.study.name, "grid": grid, "cells": sorted(cells),
+        "commits": sorted(c for c in commits if c),
+        "command": f"python -m kdprune_jax.study report --config={plan.study.get('source')} "
+                   "--root=ROOT"})
 
 
 def digest(out_dir: str) -> str:

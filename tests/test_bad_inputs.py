@@ -71,6 +71,8 @@ BAD = [
      r"config\.teacher\.optim\.weight_decay=-0\.0001", "a number >= 0"),
     ("val_fraction_1", dict(data__val_fraction=1.0), ConfigError,
      r"config\.data\.val_fraction=1\.0", r"a number in \[0, 1\)"),
+    ("max_per_class_negative", dict(data__max_per_class=-1), ConfigError,
+     r"^config\.data\.max_per_class=-1 is invalid", r"an integer >= 0 \(0 = every example"),
     ("teacher_init_missing", dict(teacher__init="/nonexistent/run/teacher"), ConfigError,
      r"config\.teacher\.init='/nonexistent/run/teacher'", "teacher checkpoint directory"),
     ("unknown_preconditioner", dict(policy__preconditioner="jacobi"), ConfigError,
@@ -89,6 +91,17 @@ BAD = [
     ("no_full_batch", dict(student__equal_steps=True, student__optim__batch_size=4096),
      ConfigError, r"config\.student\.optim\.batch_size=4096",
      r"at most the number of training examples \(1\d{3}\) times student\.optim\.num_epochs"),
+    # A validation split that leaves too few pool examples for keep_fraction to keep one of
+    # each class names data.val_fraction (the field that caused it), not keep_fraction.
+    ("val_fraction_starves_a_class", dict(data__val_fraction=0.99), ConfigError,
+     r"^config\.data\.val_fraction=0\.99 is invalid",
+     r"at least 2 training examples outside the validation split, so that "
+     r"prune\.keep_fraction=0\.5 keeps one of each \(class \d+ has 1 of its \d+ left\); "
+     r"use data\.val_fraction <= 0\.98\d+$"),
+    ("val_fraction_takes_a_class", dict(data__val_fraction=0.997), ConfigError,
+     r"^config\.data\.val_fraction=0\.997 is invalid",
+     r"leaving every class at least 2 training examples outside the validation split "
+     r"\(it takes all \d+ of class \d+\); use data\.val_fraction <= 0\.98\d+$"),
     ("mean_per_channel", dict(data__mean=(64.0, 64.0, 64.0), data__std=(96.0, 96.0, 96.0)),
      ConfigError, r"config\.data\.mean=\(64\.0, 64\.0, 64\.0\)", r"1 value\(s\), one per"),
     ("teacher_num_classes", dict(teacher__init="{teacher_3_classes}"), ConfigError,
@@ -130,6 +143,19 @@ BAD = [
      r"allowed: an \.npz holding uint8 'train_images'"),
     ("npz_corrupt", dict(data__source="arrays", data__path="{corrupt_npz}"), DataError,
      r"data\.path='.*corrupt\.npz' is not a readable \.npz file", r"allowed: an \.npz holding"),
+    # The class count of an arrays file is its largest label + 1: a gap is refused, with
+    # the file, the split and the classes missing.
+    ("npz_labels_not_0_to_c", dict(data__source="arrays", data__path="{npz_labels_0_and_7}"),
+     DataError, r"^/.*/gap\.npz: split 'train': labels must be 0\.\.C-1 with every class "
+     r"present", r"found 2 distinct labels \[0, 7\] and C=8 \(the largest label \+ 1\), "
+     r"missing classes \[1, 2, 3, 4, 5, 6\]$"),
+    ("npz_images_vs_labels", dict(data__source="arrays", data__path="{npz_40_images_30_labels}"),
+     DataError, r"^/.*/count\.npz: split 'train': ", r"40 images but 30 labels$"),
+    ("npz_test_label_not_a_train_class", dict(data__source="arrays",
+                                              data__path="{npz_test_label_2}"),
+     DataError, r"^/.*/test_label_2\.npz: split 'test': ",
+     r"labels must be 0\.\.C-1 for the train split's C=2 classes; found labels outside "
+     r"0\.\.1: \[2\]$"),
     ("workdir_under_a_file", dict(__workdir="{regular_file}/run"), ConfigError,
      r"--workdir='.*/a_file/run'", "a writable directory .*Not a directory"),
     ("workdir_is_a_file", dict(__workdir="{regular_file}"), ConfigError,
@@ -236,6 +262,18 @@ def files(tmp_path_factory, done):
     out["corrupt_npz"] = str(d / "corrupt.npz")
     with open(out["corrupt_npz"], "wb") as f:
         f.write(b"PK\x03\x04" + b"\x00" * 60)  # a zip local header, then garbage
+    def npz(key, file, train_labels, test_labels=(0, 1), num_images=None):
+        rng = np.random.default_rng(0)
+        n = len(train_labels) if num_images is None else num_images
+        out[key] = str(d / file)
+        np.savez(out[key], train_images=rng.integers(0, 256, (n, 8, 8, 1), np.uint8),
+                 train_labels=np.asarray(train_labels, np.int32),
+                 test_images=rng.integers(0, 256, (len(test_labels), 8, 8, 1), np.uint8),
+                 test_labels=np.asarray(test_labels, np.int32))
+
+    npz("npz_labels_0_and_7", "gap.npz", [0, 7] * 20, test_labels=(0, 7))
+    npz("npz_40_images_30_labels", "count.npz", [0, 1] * 15, num_images=40)
+    npz("npz_test_label_2", "test_label_2.npz", [0, 1] * 20, test_labels=(0, 1, 2))
     out["regular_file"] = str(d / "a_file")
     with open(out["regular_file"], "w") as f:
         f.write("not a directory\n")
@@ -325,6 +363,20 @@ def test_bad_input_stops_before_any_training(done, files, compiles, monkeypatch,
     assert snapshot(workdir) == before
 
 
+def test_val_fraction_suggestion_is_accepted():
+    """The data.val_fraction the message suggests is one the run accepts (the bound is
+    computed with the split's own rounding, so taking the advice must not fail again)."""
+    config = load_config("quickstart.py", "smoke")
+    for bad in (0.99, 0.997):
+        with pytest.raises(ConfigError) as e:
+            c = override(config, data__val_fraction=bad)
+            pipeline._class_keep_counts(c, pipeline.load_data(c))
+        suggested = float(re.search(r"data\.val_fraction <= ([0-9.]+)$", str(e.value))[1])
+        c = override(config, data__val_fraction=suggested)
+        counts = pipeline._class_keep_counts(c, pipeline.load_data(c))
+        assert counts.min() >= 1, (bad, suggested, counts)
+
+
 # ---- numerical faults: they happen while computing, so the run gets as far as the fault
 NUMERICAL = [
     ("nan_loss", dict(student__optim__learning_rate=1e12), NonFiniteLossError,
@@ -333,11 +385,11 @@ NUMERICAL = [
     ("lissa_diverges", dict(prune__method="influence", influence__solver="lissa",
                             influence__lissa_scale=1e-3, influence__max_iters=500),
      SolverError, r"LiSSA diverged after \d+ iterations \(relative residual ([0-9.e+-]+|inf|nan)",
-     r"raise influence\.lissa_scale and/or influence\.damping"),
+     r"raise influence\.lissa_scale \(now 0\.001\) and/or influence\.damping \(now 0\.001\)"),
     ("cg_not_converging", dict(prune__method="influence", influence__max_iters=1,
                                influence__tol=1e-9),
      SolverError, r"cg inverse-HVP did not converge: relative residual [0-9.e+-]+ after 1 "
-     "iterations", r"raise influence\.max_iters or influence\.damping"),
+     "iterations", r"raise influence\.max_iters \(now 1\) or influence\.damping \(now 0\.001\)"),
 ]
 
 
@@ -376,12 +428,17 @@ CLI = [
     ("corrupt_archive", ["--config.data.source=image_folder",
                          "--config.data.path={truncated_tar_gz}"], None,
      r"^error: data\.path='.*truncated\.tar\.gz': archive is truncated or corrupt"),
+    # Goes as far as the data (loaded, validation split carved) before the one line.
+    ("val_fraction_starves_a_class", ["--config.data.val_fraction=0.99"], None,
+     r"^error: config\.data\.val_fraction=0\.99 is invalid; allowed: a fraction leaving "
+     r"every class at least 2 training examples"),
     ("workdir_under_a_file", [], "{regular_file}/run",
      r"^error: --workdir='.*/a_file/run' is invalid; allowed: a writable directory"),
     ("lissa_diverges", ["--config.prune.method=influence", "--config.influence.solver=lissa",
                         "--config.influence.lissa_scale=0.001", "--config.influence.max_iters=500",
                         "--config.teacher.init={digits_teacher}"], "{fresh}",
-     r"^error: LiSSA diverged .*relative residual.*raise influence\.lissa_scale"),
+     r"^error: influence scores: LiSSA diverged .*relative residual.*raise "
+     r"influence\.lissa_scale"),
 ]
 
 

@@ -266,8 +266,8 @@ def test_ynn_option_is_scoped_to_the_hot_programs():
     assert np.all(np.isfinite(jax.jit(fn)(x)))
     # The package's dense solves on >= 64 parameters run (they failed with the global flag).
     w = {"w": jnp.ones((65,), jnp.float32)}
-    loss = lambda p: jnp.mean(jnp.logaddexp(0.0, -(x @ p["w"]))) + 0.01 * jnp.sum(p["w"] ** 2)  # noqa: E731
-    _, info = jax.jit(lambda p: autodiff.solve_exact(loss, p, p, damping=0.1))(w)
+    loss = lambda p, x: jnp.mean(jnp.logaddexp(0.0, -(x @ p["w"]))) + 0.01 * jnp.sum(p["w"] ** 2)  # noqa: E731
+    _, info = jax.jit(lambda p: autodiff.solve_exact(loss, p, x, p, damping=0.1))(w)
     assert float(info["residual"]) < 1e-4
     batch = {"features": x, "label": jnp.zeros((256,), jnp.int32),
              "teacher_logits": jnp.zeros((256, 10), jnp.float32)}

@@ -1,6 +1,7 @@
 """End to end: the quickstart, CIFAR-10 (real archive) and ImageNet (tfds mock) smoke configs,
 artifact reuse, kill -9 + rerun == uninterrupted (bad input: tests/test_bad_inputs.py)."""
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -26,7 +27,9 @@ def load_config(name, arg=""):
 
 def override(config, **fields):
     """Copy of a locked config with dotted fields replaced (like --config.a.b=v)."""
-    c = config.copy_and_resolve_references()
+    # deepcopy, not copy_and_resolve_references: that would fix kd.alpha's type to
+    # float, and "auto" could no longer be set (its field is object-typed).
+    c = copy.deepcopy(config)
     with c.unlocked():
         for key, v in fields.items():
             *path, last = key.split("__")

@@ -75,6 +75,8 @@ def get_config(arg: str = ""):
               ("student.optim.num_epochs", tuple(round(k * STUDENT_EPOCHS) for k in KEEPS)),
               ("seed", SEEDS))))
     c.grids = [*t1, full, t2, t3]
+    # `report` fits kd.alpha="auto" on table2's validation accuracies (kd_alpha_rule.json).
+    c.alpha_rule_grid = "table2"
     # Training throughput on the 2-core CPU, batch 128, 1 device (images/s), for --dry_run:
     # measured with benchmarks/kd_step.py (README "Benchmarks").
     c.throughput = ml_collections.ConfigDict({

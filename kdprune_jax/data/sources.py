@@ -12,6 +12,9 @@ Kinds (``config.data.source``):
                 directory or a .tar / .tar.gz of one (read in place, never extracted to disk).
   tfds          ``tfds.data_source(name, split)`` over a prepared TFDS data dir (no download).
   arrays        an .npz with ``<split>_images`` uint8 [N, H, W, C] and ``<split>_labels`` [N].
+                C is the training split's largest label + 1, so its labels must be exactly
+                0..C-1 with every class present (`check_train_labels`); an eval split may
+                lack classes but not hold others (`with_train_classes`).
 """
 
 from __future__ import annotations
@@ -339,6 +342,94 @@ def load_split(data_cfg, split: str) -> Split:
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise DataError(f"data.path={data_cfg.path!r} is not a readable .npz file "
                             f"({type(e).__name__}: {e}); {allowed}") from None
+        _check_arrays(images, labels, describe_split(data_cfg, split), allowed)
         return array_split(images, labels,
                            name=f"arrays/{os.path.basename(data_cfg.path)}/{split}")
     raise ConfigError("data.source", kind, ", ".join(SOURCE_KINDS))
+
+
+def _check_arrays(images, labels, where: str, allowed: str) -> None:
+    """The shapes and types of one split of an arrays .npz, checked here (not only in
+    `ArraySource`) so that the message names the file and the split."""
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DataError(f"{where}: images must be uint8 [N, H, W, C], got {images.dtype} "
+                        f"{images.shape}; {allowed}")
+    if labels.ndim != 1:
+        raise DataError(f"{where}: labels must be class ids [N], got shape {labels.shape} "
+                        f"(one-hot labels? store labels.argmax(-1)); {allowed}")
+    if len(images) != len(labels):
+        raise DataError(f"{where}: {len(images)} images but {len(labels)} labels")
+    # Casting to int32 would truncate 2.5 to 2 without a word; integral floats are fine.
+    if labels.dtype.kind not in "iub":
+        integral = (np.isfinite(labels) & (labels == np.round(labels))
+                    if labels.dtype.kind == "f" else np.zeros(len(labels), bool))
+        if not integral.all():
+            raise DataError(f"{where}: labels must be integer class ids, got {labels.dtype} "
+                            f"values such as {labels[~integral][0].item()!r}; {allowed}")
+
+
+def describe_split(data_cfg, split: str) -> str:
+    """How a message names a split: its file (or dataset) and the split's name."""
+    if data_cfg.source in ("arrays", "image_folder"):
+        return f"{data_cfg.path}: split {split!r}"
+    if data_cfg.source == "tfds":
+        return f"tfds dataset {data_cfg.name!r}: split {split!r}"
+    return f"data.source={data_cfg.source!r}: split {split!r}"
+
+
+def _listed(values, limit: int = 12) -> str:
+    values = [int(v) for v in values]
+    if len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ...] ({len(values)} in all)"
+
+
+def check_train_labels(s: Split, where: str, inferred: bool,
+                       allow_missing: bool = False) -> None:
+    """Refuse a training split whose labels are not exactly 0..C-1 with every class present.
+
+    `allow_missing` (TFDS: C is the dataset's published class list) accepts classes absent
+    from a slice such as ``train[:1%]``; such a class keeps no examples. Labels outside
+    0..C-1 are refused either way.
+
+    Every class gets an output unit and a share of the kept subset, so a class without a
+    training example is a model output nothing teaches and a per-class count of zero. When
+    C is inferred from the largest label (``inferred``, arrays files), a gap in the labels
+    is also the sign of a file that is not what its user thinks: a slice of a bigger
+    dataset, or labels that start at 1.
+
+    Raises:
+      DataError naming `where` (the file and split), the labels found and the classes
+      missing.
+    """
+    if not len(s.labels):
+        raise DataError(f"{where}: no examples; allowed: a training split with at least one "
+                        "example of every class")
+    present = np.unique(s.labels)
+    c = s.num_classes
+    outside = present[(present < 0) | (present >= c)]
+    missing = np.setdiff1d(np.arange(c), present) if not allow_missing else np.zeros(0, int)
+    if len(outside) == 0 and len(missing) == 0:
+        return
+    how = "the largest label + 1" if inferred else "the dataset's class list"
+    problems = []
+    if len(missing):
+        problems.append(f"missing classes {_listed(missing)}")
+    if len(outside):
+        problems.append(f"labels outside 0..{c - 1}: {_listed(outside)}")
+    raise DataError(f"{where}: labels must be 0..C-1 with every class present; found "
+                    f"{len(present)} distinct labels {_listed(present)} and C={c} ({how}), "
+                    + "; ".join(problems))
+
+
+def with_train_classes(test: Split, train: Split, where: str) -> Split:
+    """An arrays eval split with the train split's C classes: its own class count (the
+    largest label + 1) says nothing when a small test set lacks the last class, so only
+    labels outside the train split's 0..C-1 are refused."""
+    c = train.num_classes
+    present = np.unique(test.labels)
+    outside = present[(present < 0) | (present >= c)]
+    if len(outside):
+        raise DataError(f"{where}: labels must be 0..C-1 for the train split's C={c} classes; "
+                        f"found labels outside 0..{c - 1}: {_listed(outside)}")
+    return dataclasses.replace(test, num_classes=c, class_names=train.class_names)

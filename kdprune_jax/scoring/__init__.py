@@ -1,10 +1,41 @@
 """Per-example pruning scores: pure, jitted, usable with any JAX model.
 
-Every function takes ``apply_fn(params, x) -> logits`` or a per-example loss function plus
-pytrees and a batch, and returns float32 scores [B]. Which end of each score is KEPT
-follows METHOD.md §3 and is recorded in `KEEP`.
+Conventions (the one place they are written down; `kdprune_jax.autodiff` follows them):
+
+Callables — two signatures, checked when traced (a wrong output shape raises
+`LossSignatureError` naming the expected signature and the shape that came back):
+
+- ``apply_fn(params, x) -> logits [B, C]`` for the logit scores (el2n, entropy, margin);
+- ``loss(params, batch) -> scalar``: an objective over a batch (mean loss plus any
+  regularizer); its Hessian is H (``train_loss``) or its gradient is the target
+  (``val_loss``);
+- ``example_losses(params, batch) -> [B]``: one loss per row of `batch` (leading axis B,
+  inference mode, examples uncoupled). Per-example gradients feed each row as a batch of
+  one, so the same function serves influence, self-influence, GraNd and the Fisher.
+
+`batch` is any pytree of arrays with a leading axis B; it is a jit argument, so one
+compilation serves every batch of that shape. Loss callables are compared by identity,
+except ``functools.partial`` (compared by its function and hashable bound values) and
+``jax.tree_util.Partial`` (bound arrays are traced: new values do not recompile): define
+loss functions once, at module level — a fresh ``lambda`` per call recompiles every time.
+
+Shapes and dtypes: scores are [B] in the dtype of the loss (float32; float64 under
+``jax_enable_x64`` with float64 params and data). Sign conventions: influence POSITIVE =
+HELPFUL (removing the example would raise the target loss); which end of each score a
+method KEEPS follows METHOD.md §3 and is recorded in `KEEP`.
+
+Solvers (`INFLUENCE_SOLVERS`: exact, cg, lissa, diag_fisher) take a required ``damping``
+(added to H on top of any L2 term already in the loss), return their info, and when
+called eagerly raise `SolverError` on non-convergence (``check=False`` to opt out); inside
+your own jit the info is returned for you to check with `check_solve`.
+
+Cost, for P parameters and N training examples: exact O(P^2 N + P^3) memory P^2; cg and
+lissa one HVP (~2 forward+backward passes over the training batch) per iteration;
+diag_fisher one per-example-gradient pass over the training batch; influence of B examples
+given s_test, one JVP (~1 forward pass) per batch.
 """
 
+from kdprune_jax.scoring._fn import LossSignatureError
 from kdprune_jax.scoring.basic import (
     el2n_from_logits,
     el2n_scores,
@@ -20,9 +51,12 @@ from kdprune_jax.scoring.forgetting import (
     update_tracker,
 )
 from kdprune_jax.scoring.grand import grand_last_layer_from_features, grand_scores
+from kdprune_jax.scoring.head import KroneckerPreconditioner
 from kdprune_jax.scoring.influence import (
+    INFLUENCE_SOLVERS,
     SolverError,
     check_solve,
+    diag_fisher,
     influence_from_s_test,
     s_test,
     self_influence,
@@ -46,7 +80,8 @@ KEEP = {
 METHODS = tuple(KEEP)
 
 __all__ = [
-    "KEEP", "METHODS", "ForgettingTracker", "SolverError", "check_solve", "el2n_from_logits",
+    "INFLUENCE_SOLVERS", "KEEP", "METHODS", "ForgettingTracker", "KroneckerPreconditioner",
+    "LossSignatureError", "SolverError", "check_solve", "diag_fisher", "el2n_from_logits",
     "el2n_scores", "entropy_from_logits", "entropy_scores", "forgetting_scores",
     "grand_last_layer_from_features", "grand_scores", "influence_from_s_test", "init_tracker",
     "margin_from_logits", "margin_scores", "moderate_scores", "s_test", "self_influence",

@@ -16,20 +16,35 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kdprune_jax.scoring._fn import as_tree_fn, batch_size, example_losses_fn
+
 
 def _sq_norm(tree):
-    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
-@functools.partial(jax.jit, static_argnames=("per_example_loss", "chunk_size"))
-def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64):
-    """||grad_theta l(theta, example)||_2 for every example in `batch`.
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _grand_jit(example_losses, params, batch, chunk_size):
+    per = example_losses_fn(example_losses)
+
+    def one(example):
+        row = jax.tree.map(lambda a: a[None], example)
+        return jnp.sqrt(_sq_norm(jax.grad(lambda p: per(p, row)[0])(params)))
+
+    b = batch_size(batch)
+    step = min(chunk_size or b, b)
+    return jnp.concatenate([jax.vmap(one)(jax.tree.map(lambda a, s=s: a[s:s + step], batch))
+                            for s in range(0, b, step)])
+
+
+def grand_scores(example_losses, params, batch, *, chunk_size: int | None = 64):
+    """||grad_theta l_i(theta)||_2 for every example i in `batch`.
 
     Args:
-      per_example_loss: ``(params, example) -> scalar``; `example` is a pytree with one row
-        of each array in `batch` (e.g. {"image": [H, W, C], "label": []}). Must not couple
-        examples (use inference-mode BatchNorm).
-      params: pytree of the parameters to differentiate (pass frozen parts via closure).
+      example_losses: ``(params, batch) -> [B]`` (see `kdprune_jax.scoring`); each example
+        is fed as a batch of one. Must not couple examples (use inference-mode BatchNorm).
+      params: pytree of the parameters to differentiate (pass frozen parts via closure, or
+        bind them with `jax.tree_util.Partial` so new values do not recompile).
       batch: pytree with leading axis B.
       chunk_size: examples per vmap (the last chunk may be smaller); None or 0 = the
         whole batch in one vmap. The chunks are unrolled, so B / chunk_size copies of the
@@ -40,17 +55,11 @@ def grand_scores(per_example_loss, params, batch, *, chunk_size: int | None = 64
     (JAX 0.10.2) computes wrong per-example convolution gradients for a batch-sharded vmap
     (tests/test_score_stage.py compares 8 devices with 1).
     Returns:
-      float32 [B]; large = the example pulls hard on the parameters.
+      [B] in the params' dtype (float32, float64 under jax_enable_x64); large = the example
+      pulls hard on the parameters.
     """
-    grad_fn = jax.grad(per_example_loss)
-
-    def one(example):
-        return jnp.sqrt(_sq_norm(grad_fn(params, example)))
-
-    b = jax.tree.leaves(batch)[0].shape[0]
-    step = min(chunk_size or b, b)
-    return jnp.concatenate([jax.vmap(one)(jax.tree.map(lambda a, s=s: a[s:s + step], batch))
-                            for s in range(0, b, step)])
+    return _grand_jit(as_tree_fn(example_losses, "example_losses"), params, batch,
+                      chunk_size)
 
 
 @jax.jit

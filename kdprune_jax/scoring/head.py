@@ -12,6 +12,7 @@ inverse Hessian is accurate. Batches are dicts {"features" [B, D], "label" int [
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -216,3 +217,22 @@ def kronecker_preconditioner(params, batch, *, lam: float, temperature: float, s
     iterations where plain CG needed hundreds (benchmarks/ifbeta_cost.py reports them)."""
     factors = kronecker_factors(params, batch, lam=lam, temperature=temperature, shift=shift)
     return functools.partial(kronecker_inverse, factors)
+
+
+@dataclasses.dataclass(frozen=True)
+class KroneckerPreconditioner:
+    """`kronecker_preconditioner` with its settings bound, for ``s_test(preconditioner=)``:
+    a frozen dataclass, so two equal settings objects compare equal and the jitted solve is
+    compiled once (a ``functools.partial`` with the same values would be too; a lambda
+    made per call would not).
+
+    shift: the multiple of I in the matrix approximated (l2 + damping for a head objective
+    with L2 `l2` solved with `damping`)."""
+
+    lam: float
+    temperature: float
+    shift: float
+
+    def __call__(self, params, batch):
+        return kronecker_preconditioner(params, batch, lam=self.lam,
+                                        temperature=self.temperature, shift=self.shift)
