@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from kdprune_jax import pipeline, score_stage, scoring, selection, sharding
+from kdprune_jax import config_checks, pipeline, score_stage, scoring, selection, sharding
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train.metrics import MetricsWriter
 from tests.test_pipeline import load_config, override
@@ -154,3 +154,20 @@ def test_lissa_divergence_stops_the_stage_with_the_knob(env):
     with pytest.raises(SolverError, match="lissa_scale"):
         _scores(env, prune__method="influence", influence__solver="lissa",
                 influence__lissa_scale=1e-3, influence__max_iters=500)
+
+
+def test_diag_fisher_influence_through_the_stage(env):
+    """influence.solver=diag_fisher on the teacher-feature head: scores from the diagonal
+    Fisher (no solve), not CG's; their rank agreement with CG is printed, not asserted."""
+    (cg, _), _ = _scores(env, prune__method="influence")
+    (diag, meta), c = _scores(env, prune__method="influence", influence__solver="diag_fisher")
+    (self_diag, _), _ = _scores(env, prune__method="self_influence",
+                                influence__solver="diag_fisher")
+    pool = env[2].pool
+    assert np.all(np.isfinite(diag)) and np.all(np.isfinite(self_diag[pool]))
+    assert not np.allclose(diag[pool], cg[pool])
+    assert np.all(self_diag[pool] > 0)  # g^T diag(F + damping)^-1 g
+    rho = np.corrcoef(np.argsort(np.argsort(diag[pool])), np.argsort(np.argsort(cg[pool])))
+    print(f"diag_fisher vs cg influence on the digits head, Spearman {rho[0, 1]:.3f}")
+    with pytest.raises(ConfigError, match="influence.solver='diag_fisher'.*scope=full"):
+        config_checks.validate(override(c, influence__scope="full", influence__loss="ce"))
