@@ -14,6 +14,8 @@ import tempfile
 
 import numpy as np
 
+from kdprune_jax import io_errors
+
 
 def fingerprint(obj) -> str:
     """Stable 16-hex-digit hash of a JSON-serializable object (key order irrelevant)."""
@@ -31,26 +33,33 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o)}")
 
 
-def _atomic(path: str, write_fn, suffix: str):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _atomic(path: str, write_fn, suffix: str, needed: int | None = None):
+    """Write through a temp file renamed over `path`. Every file artifact passes here, so
+    this is where a failed write (disk full, EIO, EACCES) becomes one line
+    (`io_errors.WriteError`, naming `path` and the `needed` bytes); the temp file is removed
+    and an older `path` is left as it was."""
+    with io_errors.writing(path, needed=needed):
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write_fn(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:  # already gone, or the filesystem refuses even that
+                pass
+            raise
 
 
 def write_json(path: str, obj) -> None:
     """Atomically write `obj` as indented JSON."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode() + b"\n"
-    _atomic(path, lambda f: f.write(data), ".json")
+    _atomic(path, lambda f: f.write(data), ".json", len(data))
 
 
 def read_json(path: str):
@@ -110,4 +119,5 @@ def write_npz(path: str, **arrays) -> None:
     meta = arrays.pop("meta", None)
     if meta is not None:
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True, default=_json_default))
-    _atomic(path, lambda f: np.savez(f, **arrays), ".npz")
+    needed = sum(np.asarray(a).nbytes for a in arrays.values())
+    _atomic(path, lambda f: np.savez(f, **arrays), ".npz", needed)

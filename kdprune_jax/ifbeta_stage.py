@@ -22,7 +22,16 @@ import ml_dtypes
 import numpy as np
 import optax
 
-from kdprune_jax import artifacts, bilevel, distributed, faults, preemption, scoring, sharding
+from kdprune_jax import (
+    artifacts,
+    bilevel,
+    distributed,
+    faults,
+    io_errors,
+    preemption,
+    scoring,
+    sharding,
+)
 from kdprune_jax.data import stratified_split
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.score_stage import Model, batch_pass, forward_fn
@@ -157,10 +166,10 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
     # read them back after the barrier below.
     writer = jax.process_index() == 0
     if writer:
-        f_mm = np.lib.format.open_memmap(os.path.join(tmp, "features.npy"), "w+", store,
-                                         (n, dim))
-        l_mm = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), "w+", np.float32,
-                                         (n, c))
+        # Blocks allocated up front: a full disk is a one-line WriteError here, not a
+        # SIGBUS mid-pass (io_errors.open_memmap).
+        f_mm = io_errors.open_memmap(os.path.join(tmp, "features.npy"), store, (n, dim))
+        l_mm = io_errors.open_memmap(os.path.join(tmp, "logits.npy"), np.float32, (n, c))
 
     def sink(idx, vals):
         if not writer:
@@ -174,8 +183,9 @@ def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
     batch_pass(forward_fn(teacher.graphdef), (teacher.params, teacher.batch_stats), ds, config,
                np.arange(n), mesh, sink=sink, name="features")
     if writer:
-        f_mm.flush()  # the data is on disk before the directory is renamed into place
-        l_mm.flush()
+        with io_errors.writing(tmp):
+            f_mm.flush()  # the data is on disk before the directory is renamed into place
+            l_mm.flush()
         artifacts.write_json(os.path.join(tmp, "meta.json"),
                              {**want, "seconds": time.perf_counter() - t0})
         old = path + ".old"

@@ -118,9 +118,12 @@ def main(argv):
         "/tmp/kdprune_jax_xla_cache"
     if cache != "none":
         jax.config.update("jax_compilation_cache_dir", cache)
-    from kdprune_jax import preemption
+    from kdprune_jax import io_errors, preemption
 
     preemption.install()
+    # A failed checkpoint write is reported as one line by the save boundary; orbax's own
+    # ERROR logs of it (a traceback per background thread) would bury that line.
+    io_errors.quiet_orbax_storage_errors()
     try:
         pipeline.run(_CONFIG.value, _WORKDIR.value)
     except preemption.Preempted as e:
@@ -128,9 +131,14 @@ def main(argv):
         print(f"{prefix}{e}: python -m kdprune_jax.main {' '.join(sys.argv[1:])}",
               file=sys.stderr, flush=True)
         sys.exit(preemption.EXIT_STATUS)
-    except UserError as e:
+    except (UserError, OSError) as e:
+        # A full or failing disk hit by a write outside the artifact/checkpoint boundaries
+        # (io_errors) is still the user's to fix: one line too. Other OS errors are bugs.
+        err = io_errors.storage_error(e) if isinstance(e, OSError) else e
+        if err is None:
+            raise
         prefix = f"[process {jax.process_index()}] " if jax.process_count() > 1 else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 
 

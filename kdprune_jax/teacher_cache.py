@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from kdprune_jax import artifacts, data, distributed, faults
+from kdprune_jax import artifacts, data, distributed, faults, io_errors
 from kdprune_jax.errors import ArtifactError
 from kdprune_jax.score_stage import Model, batch_pass
 
@@ -87,8 +87,8 @@ def teacher_views(config, ds, mesh, workdir: str, teacher: Model, indices, log
     if writer:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        mm = np.lib.format.open_memmap(os.path.join(tmp, "logits.npy"), "w+", np.float16,
-                                       (len(indices) * num_views, c))
+        mm = io_errors.open_memmap(os.path.join(tmp, "logits.npy"), np.float16,
+                                   (len(indices) * num_views, c))
 
     def sink(pos, vals):  # `pos` = pair position row * V + view (views_dataset)
         if writer:
@@ -110,7 +110,8 @@ def teacher_views(config, ds, mesh, workdir: str, teacher: Model, indices, log
     batch_pass(logits_fn, (teacher.params, teacher.batch_stats), ds, config, None, mesh,
                sink=sink, name="teacher_views", batches=batches)
     if writer:
-        mm.flush()  # on disk before the directory is renamed into place
+        with io_errors.writing(os.path.join(tmp, "logits.npy")):
+            mm.flush()  # on disk before the directory is renamed into place
         artifacts.write_json(os.path.join(tmp, "meta.json"),
                              {**want, "seconds": time.perf_counter() - t0})
         faults.maybe_kill("teacher_views:write")  # complete temp dir, not yet in place

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from kdprune_jax import preemption, workdir_lock
@@ -164,8 +165,14 @@ CLI = [
      r'instead of "alhpa"\?$'),
     ("missing_config_file", ["--config=configs/nope.py"],
      r"^error: --config=configs/nope\.py: cannot load the config file: .*No such file"),
-    ("wrong_type", ["--config.kd.alpha=abc"],
-     r"^error: --config\.kd\.alpha=abc: could not convert string to float: 'abc'$"),
+    ("wrong_type", ["--config.kd.temperature=abc"],
+     r"^error: --config\.kd\.temperature=abc: could not convert string to float: 'abc'$"),
+    # kd.alpha takes a number or "auto" (an object-typed field): the config check names it.
+    ("alpha_not_a_number", ["--config.kd.alpha=abc"],
+     r"^error: config\.kd\.alpha='abc' is invalid; allowed: a number in \[0, 1\] or 'auto'$"),
+    ("alpha_auto_without_rule", ["--config.kd.alpha=auto"],
+     r"^error: config\.kd\.alpha_rule='' is invalid; allowed: the path of a KD-weight rule "
+     r"file when kd\.alpha='auto'"),
     ("bad_config_arg", ["--config=configs/quickstart.py:bogus"],
      r"^error: --config=configs/quickstart\.py:bogus: cannot load the config file: "
      r"unknown config arg 'bogus'"),
@@ -184,3 +191,41 @@ def test_command_line_mistakes_are_one_line_exit_2(tmp_path, name, flags, line):
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and re.search(line, lines[0]), lines
     assert not wd.exists()  # nothing created, nothing compiled: it stopped at the flags
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step(tmp_path):
+    """Two processes (1 device each); only process 1 is signalled, at teacher step 13. The
+    processes agree on the stop on their next logging step (the smoke config logs every 5),
+    so both commit the checkpoint of step 15 and exit 3; the rerun resumes there and its
+    student equals an uninterrupted 2-process run's, bitwise (two 2-process runs reduce in
+    the same order)."""
+    from tests.test_multiprocess import _flat, _student_params
+
+    args = lambda wd: BASE + [f"--workdir={wd}"]  # noqa: E731
+    ref, wd = tmp_path / "ref", tmp_path / "run"
+    for p in run_cli(args(ref), num_processes=2, devices_per_process=1,
+                     log_dir=str(tmp_path / "ref.logs")):
+        assert p.returncode == 0, p.stderr[-3000:]
+    stopped = run_cli(args(wd), num_processes=2, devices_per_process=1,
+                      env_per_process=[{}, {"KDPRUNE_SIGNAL_AT": "teacher:13"}],
+                      log_dir=str(tmp_path / "stop.logs"))
+    for i, p in enumerate(stopped):
+        assert p.returncode == preemption.EXIT_STATUS, (i, p.stderr[-3000:])
+        assert "Traceback" not in p.stderr
+        last = p.stderr.rstrip("\n").splitlines()[-1]
+        assert re.match(rf"\[process {i}\] \[teacher\] stopped by .* after step 15/21; "
+                        r"checkpoint of step 15 saved in .*/teacher; rerun the same command",
+                        last), last
+    steps = sorted(int(d) for d in os.listdir(wd / "teacher") if d.isdigit())
+    assert steps[-1] == 15, steps
+    resumed = run_cli(args(wd), num_processes=2, devices_per_process=1,
+                      log_dir=str(tmp_path / "rerun.logs"))
+    for p in resumed:
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "[teacher] resumed from step 15/21" in resumed[0].stdout
+    (s1, p1), (s2, p2) = _student_params(str(ref)), _student_params(str(wd))
+    assert s1 == s2
+    f1, f2 = _flat(p1), _flat(p2)
+    for k in f1:
+        np.testing.assert_array_equal(f2[k], f1[k], err_msg=k)

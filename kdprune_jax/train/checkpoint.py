@@ -9,11 +9,21 @@ and every restore recomputes it: a step whose files are truncated, deleted or si
 altered is detected (orbax alone only notices the damage it trips over). `open_for_training`
 moves such a step aside to ``<dir>.corrupt-<time>/<step>`` (never deleted) and falls back to
 the previous intact step, or to step 0.
+
+A save that never committed (disk full, killed mid-save) leaves an INCOMPLETE step: a
+``<step>.orbax-checkpoint-tmp*`` directory, or on object stores a ``<step>`` directory without
+orbax's commit marker. It holds nothing usable and is not a checkpoint of another config:
+`remove_incomplete_steps` deletes it with one line (freeing the space it took) and training
+resumes from the last complete step. A failed write itself is one line, exit 2
+(`io_errors.WriteError`, raised by `Checkpointer`'s save/wait/close).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import time
 
 import grain
@@ -22,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from kdprune_jax import distributed
+from kdprune_jax import distributed, io_errors
 from kdprune_jax.artifacts import describe
 from kdprune_jax.errors import ArtifactError
 
@@ -78,10 +88,32 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
-        self.mgr = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        )
+        self._saving, self._needed = None, None  # the latest save started, its state bytes
+        with self._writes():
+            self.mgr = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            )
+
+    @contextlib.contextmanager
+    def _writes(self):
+        """The one boundary of every checkpoint write: an OS error (disk full, EIO, EACCES;
+        from orbax's Python writes or tensorstore's) becomes one `io_errors.WriteError`
+        naming the step directory, the free space and the state's size. The step of an
+        asynchronous save that failed is read off the error's text when it names it."""
+        try:
+            yield
+        except Exception as e:
+            step = self._saving
+            m = re.search(re.escape(self.directory) + r"/(\d+)\b", str(e))
+            if m:
+                step = int(m.group(1))
+            path = self.directory if step is None else os.path.join(self.directory, str(step))
+            err = io_errors.write_error(e, path, needed=self._needed, what="checkpoint",
+                                        needed_is="the train state to save is")
+            if err is None:
+                raise
+            raise err from None
 
     def latest_step(self) -> int | None:
         return self.mgr.latest_step()
@@ -112,7 +144,12 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
         if data_iter is not None:
             items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
-        self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
+        # orbax first waits for the previous save: an error raised here may be that one's
+        # (the message then names its step directory).
+        self._needed = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(state))
+        self._saving = step
+        with self._writes():
+            self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, state_like, data_iter=None):
         """Restore the state (onto `state_like`'s shapes/shardings) and, if given, set
@@ -144,11 +181,13 @@ class Checkpointer:
         return out["state"], dict(out["meta"])
 
     def wait(self):
-        self.mgr.wait_until_finished()
+        with self._writes():  # where the errors of asynchronous saves surface
+            self.mgr.wait_until_finished()
 
     def close(self):
-        self.mgr.wait_until_finished()
-        self.mgr.close()
+        with self._writes():
+            self.mgr.wait_until_finished()
+            self.mgr.close()
 
 
 def _aside_path(path: str, kind: str) -> str:
@@ -178,15 +217,63 @@ def set_aside_corrupt_step(directory: str, step: int, problem: str, log=print,
     return aside
 
 
+_STEP_ENTRY = re.compile(r"(\d+)(\.orbax-checkpoint-tmp.*)?")
+
+
+def incomplete_steps(directory: str, committed) -> list[str]:
+    """Names of the step entries in `directory` that are not committed checkpoints:
+    ``<step>.orbax-checkpoint-tmp*`` (a save that never finished on a POSIX/FUSE
+    filesystem, where orbax commits by renaming) and ``<step>`` directories that orbax does
+    not list in `committed` (on object stores, where a commit marker file commits)."""
+    out = []
+    for entry in sorted(os.listdir(directory)):
+        m = _STEP_ENTRY.fullmatch(entry)
+        if m and os.path.isdir(os.path.join(directory, entry)) and (
+                m.group(2) or int(m.group(1)) not in committed):
+            out.append(entry)
+    return out
+
+
+def remove_incomplete_steps(directory: str, log=print, name: str = "") -> None:
+    """Delete the steps of `directory` whose save never committed, with one line each.
+
+    Deleted, not set aside like a corrupt step: an uncommitted save holds no checkpoint
+    (orbax never reads it), and after a full disk the space it takes is what the rerun
+    needs. The workdir lock means no other run can still be writing it."""
+    ck = Checkpointer(directory)
+    committed = set(ck.mgr.all_steps())
+    ck.close()
+    found = incomplete_steps(directory, committed)
+    if distributed.all_agree(not found):
+        return
+    distributed.barrier("kdprune_incomplete_checkpoint_found")
+    if jax.process_index() == 0:
+        for entry in found:
+            shutil.rmtree(os.path.join(directory, entry), ignore_errors=True)
+    distributed.barrier("kdprune_incomplete_checkpoint_removed")
+    prefix = f"[{name}] " if name else ""
+    last = (f"the last complete step is {max(committed)}" if committed
+            else "no step is complete")
+    for entry in found:
+        log(f"{prefix}checkpoint {os.path.join(directory, entry)} is incomplete (its save "
+            f"never committed: interrupted or out of space); removed ({last})")
+
+
 def set_aside_if_stale(directory: str, fingerprint: str, log=print, name: str = "") -> None:
     """If `directory` holds a checkpoint written for another fingerprint, rename it to
     ``<directory>.stale-<time>`` (never delete: nothing already computed is lost). Steps
-    whose metadata is unreadable are corrupt, not stale: each is moved aside on its own
-    (`set_aside_corrupt_step`) and the next older step decides."""
+    whose save never committed are incomplete, not stale: they are removed first
+    (`remove_incomplete_steps`), and a directory left without a committed step is simply
+    trained into. Steps whose metadata is unreadable are corrupt, not stale: each is moved
+    aside on its own (`set_aside_corrupt_step`) and the next older step decides."""
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
+    remove_incomplete_steps(directory, log, name)
     ck = Checkpointer(directory)
     steps = sorted(ck.mgr.all_steps(), reverse=True)
+    if not steps:  # nothing committed: no config wrote a checkpoint here to compare with
+        ck.close()
+        return
     meta = None
     for step in steps:
         meta, problem = ck.read_meta_checked(step)

@@ -13,6 +13,8 @@ import time
 
 import jax
 
+from kdprune_jax import io_errors
+
 
 class MetricsWriter:
     """Appends one JSON object per line to DIR/metrics.jsonl (process 0 only)."""
@@ -28,8 +30,9 @@ class MetricsWriter:
         for k, v in values.items():
             v = float(v) if hasattr(v, "__float__") and not isinstance(v, (int, str)) else v
             rec[k] = v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        line = json.dumps(rec) + "\n"
+        with io_errors.writing(self.path, needed=len(line)), open(self.path, "a") as f:
+            f.write(line)
 
 
 class ProgressBar:
