@@ -21,8 +21,8 @@ import time
 
 from benchmarks import common
 
-SUITES = ("kd_step", "conv_profile", "grand", "influence", "ifbeta_cost", "cached_teacher",
-          "scaling")
+SUITES = ("kd_step", "conv_profile", "grand", "influence", "influence_diag_fisher",
+          "ifbeta_cost", "cached_teacher", "scaling")
 
 
 def main(argv=None) -> int:
@@ -103,6 +103,12 @@ def main(argv=None) -> int:
         rows += influence.run(n_train=500 if args.quick else 5000,
                               n_val=100 if args.quick else 1000,
                               cg_iters=10 if args.quick else 100, reps=reps)
+        save()
+    if "influence_diag_fisher" in only:
+        from benchmarks import influence
+
+        rows += influence.run_diag_fisher(n_train=500 if args.quick else 5000,
+                                          n_val=100 if args.quick else 1000, reps=reps)
         save()
     if "ifbeta_cost" in only:
         from benchmarks import ifbeta_cost

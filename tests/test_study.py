@@ -114,11 +114,19 @@ def test_killed_cell_resumes_finished_cells_are_not_rerun_and_report_matches(tmp
 
     # The report's numbers are the cells' results.json; twice gives the same bytes.
     out = str(tmp_path / "report")
-    r1 = _cli("report", f"--config={CONFIG}", f"--root={root}", f"--out={out}")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- results:smoke -->\nold\n<!-- /results:smoke -->\ntail\n")
+    r1 = _cli("report", f"--config={CONFIG}", f"--root={root}", f"--out={out}",
+              f"--readme={readme}")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    d1 = study.digest(out)
-    r2 = _cli("report", f"--config={CONFIG}", f"--root={root}", f"--out={out}")
-    assert r2.returncode == 0 and study.digest(out) == d1
+    d1, t1 = study.digest(out), readme.read_text()
+    r2 = _cli("report", f"--config={CONFIG}", f"--root={root}", f"--out={out}",
+              f"--readme={readme}")
+    assert r2.returncode == 0 and study.digest(out) == d1 and readme.read_text() == t1
+    # The README block is the generated verdicts, between its markers, the rest untouched.
+    assert "old" not in t1 and t1.startswith("# x\n") and t1.endswith("tail\n")
+    verdicts_md = open(os.path.join(out, "verdicts.md")).read()
+    assert "| A1 |" in verdicts_md and "| A1 |" in t1 and "| A3 | not tested |" in t1
     import csv
 
     with open(os.path.join(out, "cells.csv")) as f:
