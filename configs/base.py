@@ -125,6 +125,9 @@ def get_config():
     # The Beta policy and its outer optimization.
     c.policy = ml_collections.ConfigDict(dict(
         method="implicit",  # implicit (IFT hypergradient) | reinforce | grid
+        # The outer objective on V1/V2: kd (the proxy's KD-aligned loss, weight
+        # ifbeta.kd_weight) | ce (cross-entropy on the validation labels)
+        outer_loss="kd",
         learning_rate=0.05,  # Adam on (a~, b~)
         max_steps=200,
         patience=20,  # early stopping on V2

@@ -103,6 +103,15 @@ class Settings:
     head: str = "linear"  # linear | mlp (see scoring.head.init_head)
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
+    # The outer (validation) objective: "kd" = the KD-aligned loss of the inner problem
+    # (weight lam), "ce" = cross-entropy on the validation labels (weight 0): the head fits
+    # the teacher from almost any subset, so a KD-aligned target can barely tell subsets
+    # apart (METHOD.md §5.8); the labels can.
+    outer_loss: str = "kd"
+
+    @property
+    def outer_lam(self) -> float:
+        return self.lam if self.outer_loss == "kd" else 0.0
 
     @property
     def kronecker(self) -> bool:
@@ -149,9 +158,10 @@ def _inner_objective(theta, pi, train, s: Settings):
 
 
 def outer_loss(theta, batch, s: Settings):
-    """Mean KD-aligned loss of the head on a held-out split (no regularizer); rows with
-    batch["weight"] == 0 (padding) do not count."""
-    per = head_lib.head_losses(theta, batch, lam=s.lam, temperature=s.temperature)
+    """Mean loss of the head on a held-out split (no regularizer): the KD-aligned loss, or
+    plain cross-entropy with ``s.outer_loss == "ce"``; rows with batch["weight"] == 0
+    (padding) do not count."""
+    per = head_lib.head_losses(theta, batch, lam=s.outer_lam, temperature=s.temperature)
     w = batch.get("weight")
     return jnp.mean(per) if w is None else jnp.sum(w * per) / jnp.sum(w)
 

@@ -145,6 +145,8 @@ def _check_scoring(config, n_dev) -> None:
         raise ConfigError("policy.cg_warm_start", po.cg_warm_start, "True, False")
     if po.method not in ("implicit", "reinforce", "grid"):
         raise ConfigError("policy.method", po.method, "implicit, reinforce, grid")
+    if po.get("outer_loss", "kd") not in ("kd", "ce"):
+        raise ConfigError("policy.outer_loss", po.outer_loss, "kd, ce")
     for f in ("learning_rate", "init_a", "init_b", "inner_tol", "cg_tol"):
         _positive(f"policy.{f}", po[f])
     for f in ("max_steps", "patience", "inner_max_iters", "cg_max_iters"):

@@ -290,7 +290,7 @@ def settings(config, num_classes) -> bilevel.Settings:
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
         warm_start=p.warm_start, cg_warm_start=p.cg_warm_start,
         preconditioner=p.preconditioner, head=ib.head,
-        mlp_hidden=ib.mlp_hidden, seed=config.seed)
+        mlp_hidden=ib.mlp_hidden, seed=config.seed, outer_loss=p.get("outer_loss", "kd"))
 
 
 def _phi(a, b):
@@ -387,6 +387,19 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
 
 
 # ----------------------------------------------------------------------------- stage
+# Fields added to config.policy after policy records were first written, with their
+# defaults: they enter the key only when they differ, so existing records stay valid.
+_POLICY_FIELDS_SINCE = {"outer_loss": "kd"}
+
+
+def _policy_key(p) -> dict:
+    d = p.to_dict()
+    for k, default in _POLICY_FIELDS_SINCE.items():
+        if d.get(k) == default:
+            d.pop(k)
+    return d
+
+
 def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
     """features -> ranks -> policy -> draw. Returns (Subset, policy record)."""
     p = config.policy
@@ -398,7 +411,7 @@ def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
         # the features themselves (eval transform, dtype) and init_theta's seed
         "features": artifacts.fingerprint(_features_meta(config, ds, teacher)),
         "init_seed": config.seed,
-        "ifbeta": config.ifbeta.to_dict(), "policy": p.to_dict(),
+        "ifbeta": config.ifbeta.to_dict(), "policy": _policy_key(p),
         "keep_fraction": config.prune.keep_fraction, "seed": config.prune.seed})
     rec_path = os.path.join(workdir, "ifbeta", "policy.json")
     rec, problem = artifacts.read_json_checked(rec_path)
