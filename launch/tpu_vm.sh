@@ -10,7 +10,9 @@
 #   run     (re)mount the bucket, start the same `python -m kdprune_jax.main` on every worker,
 #           in the background
 #   logs    follow the run's log on worker 0 (or --worker=N, or all workers)
-#   stop    stop the run on every worker
+#   stop    stop the run on every worker: SIGTERM, then wait up to --grace seconds (default
+#           300) for it to save the step it finished and exit (kdprune_jax/preemption.py),
+#           report the step saved; SIGKILL only after the grace period
 #   ssh     a shell on a worker, or `-- COMMAND` on --worker=N|all
 #   delete  delete the TPU VM (with --queued: the queued resource and the VM with it)
 #
@@ -48,7 +50,7 @@ usage: launch/tpu_vm.sh COMMAND --name=NAME --zone=ZONE --project=PROJECT [optio
   run    --config=CONFIG --workdir=/gcs/NAME/... [--bucket=NAME] [--tfds-data-dir=DIR]
          [--cache-dir=DIR] [--env=KEY=VALUE ...] [--config.x=y ...]
   logs   [--worker=N|all (default 0)]
-  stop
+  stop   [--grace=SECONDS (default 300)]
   ssh    [--worker=N|all (default 0)] [-- COMMAND ...]
   delete [--queued]
 setup/run/logs/stop/ssh also take --ssh-flag=FLAG (repeatable, passed to gcloud ssh/scp,
@@ -136,13 +138,13 @@ case $cmd in
   setup) allowed="--bucket --git-url --git-ref --jax --ssh-flag" ;;
   run) allowed="--config --workdir --bucket --tfds-data-dir --cache-dir --env --ssh-flag" ;;
   logs | ssh) allowed="--worker --ssh-flag" ;;
-  stop) allowed="--ssh-flag" ;;
+  stop) allowed="--grace --ssh-flag" ;;
   -h | --help) usage; exit 0 ;;
   *) usage_error "unknown COMMAND '$cmd' (create, status, setup, run, logs, stop, ssh, delete)" ;;
 esac
 
 name='' zone='' project='' accel='' runtime='' queued=0 spot=0 git_url='' git_ref=''
-jax_spec='jax[tpu]' config='' workdir='' bucket='' tfds_dir='' cache_dir='' worker=0
+jax_spec='jax[tpu]' config='' workdir='' bucket='' tfds_dir='' cache_dir='' worker=0 grace=300
 envs=() overrides=() ssh_flags=() user_cmd=()
 while (($#)); do
   arg=$1
@@ -177,6 +179,7 @@ while (($#)); do
     --tfds-data-dir=*) tfds_dir=${arg#*=} ;;
     --cache-dir=*) cache_dir=${arg#*=} ;;
     --worker=*) worker=${arg#*=} ;;
+    --grace=*) grace=${arg#*=} ;;
     --env=*) envs+=("${arg#*=}") ;;
     --ssh-flag=*) ssh_flags+=("${arg#*=}") ;;
     *=*) usage_error "$key takes no value" ;;
@@ -192,6 +195,7 @@ require "$project" --project
 [[ $name =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
   usage_error "--name='$name' is invalid; allowed: lowercase letters, digits, '-', starting with a letter"
 [[ $worker =~ ^([0-9]+|all)$ ]] || usage_error "--worker='$worker' is invalid; allowed: a number or all"
+[[ $grace =~ ^[0-9]+$ ]] || usage_error "--grace='$grace' is invalid; allowed: a whole number of seconds"
 
 tpu=(gcloud compute tpus tpu-vm)
 queue=(gcloud compute tpus queued-resources)
@@ -297,7 +301,11 @@ case $cmd in
     on_workers "$worker" "$follow"
     ;;
   stop)
-    on_workers all "if $ALIVE; then kill -TERM -- \"-\$(cat $PIDFILE)\" && echo \"stopped the run on \$(hostname)\"; else echo \"no run going on \$(hostname)\"; fi"
+    # SIGTERM asks the run to save the step it finished and exit (one line in the log:
+    # "... checkpoint of step N saved in DIR ..."); SIGKILL only if it is still alive after
+    # the grace period (the last committed checkpoint is intact either way).
+    saved="grep -o 'checkpoint of step [0-9]* saved in [^;]*' $LOG | tail -n 1"
+    on_workers all "if $ALIVE; then g=\$(cat $PIDFILE); kill -TERM -- -\$g; i=0; while [ \$i -lt $grace ] && $ALIVE; do sleep 1; i=\$((i + 1)); done; if $ALIVE; then kill -KILL -- -\$g; echo \"the run on \$(hostname) did not stop within ${grace} s: killed (SIGKILL); a rerun resumes from its last committed checkpoint\"; else s=\$($saved); echo \"stopped the run on \$(hostname)\${s:+: \$s}\"; fi; else echo \"no run going on \$(hostname)\"; fi"
     ;;
   ssh)
     if ((${#user_cmd[@]})); then

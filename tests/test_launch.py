@@ -9,6 +9,7 @@ every dry-run test asserts it was never called.
 
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -278,7 +279,7 @@ def test_run_forwards_overrides_and_env_quoted(sandbox):
 # Tools the remote lines use, linked into the fake worker's PATH (nothing else is on it, so a
 # gcsfuse or sudo installed here can never be reached).
 _TOOLS = ("sh", "bash", "cat", "grep", "sed", "cp", "ps", "rm", "mkdir", "mv", "env", "setsid",
-          "nohup", "sleep", "id", "hostname", "touch")
+          "nohup", "sleep", "id", "hostname", "touch", "tail")
 
 
 def _fake_worker(home):
@@ -401,8 +402,15 @@ def test_run_and_stop_command_lines_work_on_a_worker(sandbox, tmp_path):
             assert again.returncode == 1 and "a run is still going on" in again.stderr
             assert _calls(home) == calls  # refused before touching the mount
 
+            # The line a real run prints when SIGTERM made it save (preemption.py): stop
+            # reports the step saved.
+            with open(home / "kdprune.log", "a") as f:
+                f.write("[student] stopped by SIGTERM after step 7/9; checkpoint of step 7 "
+                        "saved in /gcs/bkt/w/student; rerun the same command to resume\n")
             r = _on_worker(home, _remote(stop))
-            assert r.returncode == 0 and "stopped the run on" in r.stdout
+            assert r.returncode == 0, r.stderr
+            assert re.fullmatch(r"stopped the run on \S+: checkpoint of step 7 saved in "
+                                r"/gcs/bkt/w/student\n", r.stdout), r.stdout
             for _ in range(200):
                 if _on_worker(home, f"if {ALIVE}; then exit 0; else exit 1; fi").returncode:
                     break
@@ -553,3 +561,34 @@ def test_shellcheck_passes():
     # -x follows `source launch/common.sh`, resolved from the repository root.
     r = subprocess.run([exe, "-x", *files, ".ci/run"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_stop_kills_a_run_that_does_not_stop_within_the_grace_period(sandbox, tmp_path):
+    """A run that ignores SIGTERM (hung in a collective, say) is SIGKILLed after --grace
+    seconds, with a line saying so; the whole process group goes."""
+    home = tmp_path / "home"
+    _fake_worker(home)
+    (stop,) = dry(sandbox, TPU, "stop", *WHERE, "--grace=1")
+    # A process group whose leader's command line names kdprune_jax.main, ignoring SIGTERM
+    # (the ignored disposition is inherited by its child sleep).
+    p = subprocess.Popen(["setsid", "sh", "-c", "trap '' TERM; sleep 60; :",
+                          "kdprune_jax.main"], cwd=home)
+    try:
+        for _ in range(100):
+            if subprocess.run(["ps", "-o", "args=", "-p", str(p.pid)], capture_output=True,
+                              text=True).stdout.strip().startswith("sh -c"):
+                break
+            time.sleep(0.05)
+        (home / "kdprune.pid").write_text(f"{p.pid}\n")
+        (home / "kdprune.log").write_text("")
+        r = _on_worker(home, _remote(stop))
+        assert r.returncode == 0, r.stderr
+        assert re.fullmatch(r"the run on \S+ did not stop within 1 s: killed \(SIGKILL\); a "
+                            r"rerun resumes from its last committed checkpoint\n", r.stdout), \
+            r.stdout
+        assert p.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    with pytest.raises(AssertionError):
+        dry(sandbox, TPU, "stop", *WHERE, "--grace=soon")
