@@ -231,3 +231,62 @@ def test_eval_counts_each_example_once():
     acc = float(np.mean(np.argmax(np.asarray(logits), -1) == split.labels))
     assert got["count"] == len(split)
     assert abs(got["accuracy"] - acc) < 1e-6
+
+
+def test_a_second_sigterm_during_the_save_changes_nothing(tmp_path, monkeypatch):
+    """SIGTERM at step 6 (a real signal to this process, through preemption's handler); a
+    second SIGTERM arrives while the step-6 checkpoint is being saved: the save completes,
+    the step-4 checkpoint before it is intact, and the rerun resumes from 6 with the
+    uninterrupted run's weights."""
+    import os
+    import signal
+
+    from kdprune_jax import faults, preemption
+    from kdprune_jax.train import checkpoint
+
+    full, _ = _train(tmp_path / "a", 12)
+    saved = dict(term=signal.getsignal(signal.SIGTERM), intr=signal.getsignal(signal.SIGINT))
+    real_save = checkpoint.Checkpointer.save
+
+    def save_under_fire(self, step, *args, **kwargs):
+        if preemption.requested():  # the stop's own save: signal again mid-way
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(preemption, "_INSTALLED", [False])
+    try:
+        preemption.install()
+        monkeypatch.setattr(faults, "SIGNAL_AT", "student:6")
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", save_under_fire)
+        with pytest.raises(preemption.Preempted, match=r"after step 6/12; checkpoint of step 6"):
+            _train(tmp_path / "b", 12)
+        assert preemption._SIGNAL == ["SIGTERM", "SIGTERM"]  # both reached the handler
+    finally:
+        signal.signal(signal.SIGTERM, saved["term"])
+        signal.signal(signal.SIGINT, saved["intr"])
+        preemption.reset()
+    monkeypatch.setattr(faults, "SIGNAL_AT", None)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", real_save)
+    ck = checkpoint.Checkpointer(str(tmp_path / "b" / "ckpt"))
+    assert sorted(int(s) for s in ck.mgr.all_steps()) == [4, 6]
+    step4, _ = ck.restore_raw(4)
+    ck.close()
+    # The same step 4 from a run that never saw a signal (killed after step 5, before its
+    # next save; the uninterrupted run keeps only its last two checkpoints).
+    def die():
+        raise _Preempted
+
+    monkeypatch.setattr(faults, "kill_self", die)
+    monkeypatch.setattr(faults, "KILL_AT", "student:5")
+    with pytest.raises(_Preempted):
+        _train(tmp_path / "c", 12)
+    monkeypatch.setattr(faults, "KILL_AT", None)
+    ref = checkpoint.Checkpointer(str(tmp_path / "c" / "ckpt"))
+    ref4, _ = ref.restore_raw(4)
+    ref.close()
+    for a, b in zip(jax.tree.leaves(ref4), jax.tree.leaves(step4)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed, _ = _train(tmp_path / "b", 12)
+    assert resumed.resumed_from == 6
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
