@@ -14,12 +14,14 @@ def test_variants_share_features_and_report_v2_at_init_and_learned(tmp_path,
                                                                    quickstart_smoke_run):
     wd = quickstart_smoke_run(str(tmp_path / "t"), parts=["teacher"])
     variants = (("default", (("policy.max_steps", 3),)),
-                ("outer ce", (("policy.max_steps", 3), ("policy.outer_loss", "ce"))))
+                ("outer ce", (("policy.max_steps", 3), ("policy.outer_loss", "ce"))),
+                ("diag-Fisher ranks", (("policy.max_steps", 3),
+                                       ("ifbeta.influence_solver", "diag_fisher"))))
     logs = []
     rows = ifbeta_variants.run(os.path.join(ROOT, "configs/study/smoke.py"),
                                os.path.join(wd, "teacher"), str(tmp_path / "v"),
                                variants=variants, log=logs.append)
-    assert [r["variant"] for r in rows] == ["default", "outer ce"]
+    assert [r["variant"] for r in rows] == ["default", "outer ce", "diag-Fisher ranks"]
     for r in rows:
         assert r["a"] > 0 and r["b"] > 0 and 1 <= r["steps"] <= 3
         assert all(math.isfinite(r[k]) for k in ("v1_init", "v1_learned", "v2_init",
