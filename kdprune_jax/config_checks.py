@@ -12,10 +12,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from kdprune_jax import kd_alpha, scoring, sharding
+from kdprune_jax import kd_alpha, methods, models, sharding
 from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
 from kdprune_jax.errors import ConfigError
-from kdprune_jax.models import MODEL_NAMES
 from kdprune_jax.scoring.influence import INFLUENCE_SOLVERS
 from kdprune_jax.selection import DIRECTIONS, RULES
 from kdprune_jax.train.state import SCHEDULES
@@ -61,31 +60,27 @@ def _check_optim(prefix, o, n_dev):
         raise ConfigError(f"{prefix}.warmup_epochs", o.warmup_epochs, "a number >= 0")
 
 
-def needs_teacher(config) -> bool:
+def teacher_stage_runs(config) -> bool:
     """The teacher stage runs only when something consumes the teacher: KD (alpha > 0) or
-    a teacher-based score."""
-    from kdprune_jax import score_stage
-
-    return config.kd.alpha > 0 or score_stage.needs_teacher(config)
+    a method that reads it (`methods.needs_teacher`)."""
+    return config.kd.alpha > 0 or methods.needs_teacher(config)
 
 
 def _check_scoring(config, n_dev) -> None:
-    from kdprune_jax import score_stage
-
     pr = config.proxy
     _positive("proxy.num_models", pr.num_models, integer=True)
     _positive("proxy.num_epochs", pr.num_epochs)
-    if pr.model and pr.model not in MODEL_NAMES:
+    if pr.model and pr.model not in models.MODEL_NAMES:
         raise ConfigError("proxy.model", pr.model, "'' (the student's) or " + ", ".join(
-            MODEL_NAMES))
+            models.MODEL_NAMES))
     i = config.influence
-    if i.scope not in score_stage.SCOPES:
-        raise ConfigError("influence.scope", i.scope, ", ".join(score_stage.SCOPES))
+    if i.scope not in methods.INFLUENCE_SCOPES:
+        raise ConfigError("influence.scope", i.scope, ", ".join(methods.INFLUENCE_SCOPES))
     if i.model not in ("teacher", "proxy"):
         raise ConfigError("influence.model", i.model, "teacher, proxy")
     if i.loss not in ("kd", "ce"):
         raise ConfigError("influence.loss", i.loss, "kd, ce")
-    if (config.prune.method in score_stage.INFLUENCE_METHODS and i.loss == "kd"
+    if (methods.get(config.prune.method).influence and i.loss == "kd"
             and i.model == "teacher" and i.scope != "head"):
         raise ConfigError(
             "influence.loss", i.loss,
@@ -204,8 +199,8 @@ def validate(config) -> None:
 
     for role in ("teacher", "student"):
         m = config[role]
-        if m.model not in MODEL_NAMES:
-            raise ConfigError(f"{role}.model", m.model, ", ".join(MODEL_NAMES))
+        if m.model not in models.MODEL_NAMES:
+            raise ConfigError(f"{role}.model", m.model, ", ".join(models.MODEL_NAMES))
         _positive(f"{role}.width", m.width)
         _check_optim(f"{role}.optim", m.optim, n_dev)
     init = config.teacher.init
@@ -230,9 +225,8 @@ def validate(config) -> None:
                           "an integer >= 0 (0 = live teacher; V > 0 = V cached views)")
 
     p = config.prune
-    methods = scoring.METHODS + ("ifbeta",)
-    if p.method not in methods:
-        raise ConfigError("prune.method", p.method, ", ".join(methods))
+    if p.method not in methods.METHODS:  # read now: methods registered later count
+        raise ConfigError("prune.method", p.method, ", ".join(methods.names()))
     if p.direction not in ("auto",) + DIRECTIONS:
         raise ConfigError("prune.direction", p.direction, ", ".join(("auto",) + DIRECTIONS))
     if p.rule not in RULES:

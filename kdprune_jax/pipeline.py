@@ -33,9 +33,9 @@ from kdprune_jax import (
     faults,
     ifbeta_stage,
     kd_alpha,
+    methods,
     models,
     score_stage,
-    scoring,
     selection,
     sharding,
     teacher_cache,
@@ -315,10 +315,10 @@ def select_subset(config, ds: Data, workdir: str, scores=None, scores_meta=None)
     """The `select` stage: reuse DIR/subset.json when its fingerprint matches.
 
     `scores` (float [N_train], from the scores stage) is required for every method but
-    random; the kept end follows METHOD.md (`scoring.KEEP`) unless prune.direction says
-    otherwise."""
+    random; the kept end is the method table's (`methods`, METHOD.md §3) unless
+    prune.direction says otherwise."""
     p = config.prune
-    direction = scoring.KEEP[p.method] if p.direction == "auto" else p.direction
+    direction = methods.get(p.method).keep if p.direction == "auto" else p.direction
     fp = artifacts.fingerprint({
         "data": ds.fingerprint, "method": p.method, "keep_fraction": p.keep_fraction,
         "seed": p.seed, "balanced": p.balanced, "direction": direction, "rule": p.rule,
@@ -512,7 +512,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
     # Both schedules must hold at least one full batch; checked here so a too-short
     # student schedule stops the run before the teacher is trained, not after.
     trained = [("student", len(ds.pool) if config.student.equal_steps else n_keep)]
-    if config_checks.needs_teacher(config) and not config.teacher.init:
+    if config_checks.teacher_stage_runs(config) and not config.teacher.init:
         trained.insert(0, ("teacher", len(ds.pool)))
     for role, n in trained:
         o = config[role].optim
@@ -532,7 +532,7 @@ def _run(config, workdir: str, t_start: float) -> dict:
 
     # ---- teacher
     teacher, teacher_fp, teacher_metrics = None, "", {}
-    if config_checks.needs_teacher(config):
+    if config_checks.teacher_stage_runs(config):
         t = time.perf_counter()
         teacher, teacher_fp, teacher_metrics = teacher_stage(config, ds, mesh, workdir, writer)
         timings["teacher_seconds"] = time.perf_counter() - t

@@ -28,6 +28,7 @@ from kdprune_jax import (
     data,
     faults,
     losses,
+    methods,
     models,
     preemption,
     scoring,
@@ -38,28 +39,7 @@ from kdprune_jax.scoring import head as head_lib
 from kdprune_jax.train import train_model
 from kdprune_jax.train.metrics import MetricsWriter
 
-TEACHER_METHODS = ("teacher_el2n", "entropy", "margin", "moderate")
-PROXY_METHODS = ("el2n", "grand", "grand_last_layer", "forgetting")
-MULTI_PROXY_METHODS = PROXY_METHODS[:3]  # average over proxy.num_models proxies; the rest
-# (forgetting: one tracked run; influence with model=proxy: one proxy's parameters) train one
-INFLUENCE_METHODS = ("influence", "self_influence")
-SCOPES = ("full", "last_layer", "head")
-
-
-def needs_teacher(config) -> bool:
-    m = config.prune.method
-    if m in TEACHER_METHODS or m == "ifbeta":
-        return True
-    if m in INFLUENCE_METHODS:
-        i = config.influence
-        return i.scope == "head" or i.model == "teacher" or i.loss == "kd"
-    return False
-
-
-def needs_proxies(config) -> bool:
-    m = config.prune.method
-    return m in PROXY_METHODS or (m in INFLUENCE_METHODS and config.influence.scope != "head"
-                                  and config.influence.model == "proxy")
+SCOPES = methods.INFLUENCE_SCOPES
 
 
 @dataclasses.dataclass
@@ -169,7 +149,8 @@ def train_proxies(config, ds, mesh, workdir, writer, log, track_forgetting=False
     o = config.student.optim.copy_and_resolve_references()
     with o.unlocked():
         o.num_epochs = p.num_epochs
-    n_models = p.num_models if config.prune.method in MULTI_PROXY_METHODS else 1
+    n_models = p.num_models if methods.get(config.prune.method).proxy_mode(config) == \
+        "multi" else 1
     out, seconds = [], 0.0
     train_fn, _ = data.make_transforms(config.data.augment, config.data.image_size,
                                        config.data.mean, config.data.std)
@@ -384,24 +365,7 @@ def _grand_fn(graphdef, chunk_size, mesh):
     return fn
 
 
-def score_params(config) -> dict:
-    """The config fields a method's scores depend on (recorded in the score metadata)."""
-    m = config.prune.method
-    out = {"method": m, "data_eval": [config.data.augment, config.data.image_size,
-                                      list(config.data.mean), list(config.data.std)]}
-    if m in PROXY_METHODS or needs_proxies(config):
-        out["proxy"] = config.proxy.to_dict()
-        if m not in MULTI_PROXY_METHODS:  # forgetting / influence train exactly one proxy
-            del out["proxy"]["num_models"]
-        out["student"] = [config.student.model, config.student.width,
-                          config.student.optim.to_dict()]
-        out["seed"] = config.seed  # proxies are seeded from it
-    if m in INFLUENCE_METHODS:
-        out["influence"] = config.influence.to_dict()
-        out["seed"] = config.seed  # scope full: the Hessian's examples are drawn with it
-    if m == "grand":
-        out["grand_chunk"] = config.score.grand_chunk_size
-    return out
+score_params = methods.score_params  # the method table owns the score key
 
 
 def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
@@ -411,7 +375,8 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
     method = config.prune.method
     # The teacher is upstream of the scores only when the method reads it (a KD run has a
     # teacher whatever the method; el2n, grand and forgetting score with proxies).
-    uses_teacher = teacher is not None and needs_teacher(config)
+    m = methods.get(method)
+    uses_teacher = teacher is not None and m.needs_teacher(config)
     meta = {"method": method, "params": score_params(config), "data": ds.fingerprint,
             "teacher": teacher.fingerprint if uses_teacher else ""}
     fp = artifacts.fingerprint(meta)
@@ -437,42 +402,28 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
     t_logits = t_feats = None
     # The teacher pass only for the methods that read teacher logits / features (a KD run
     # has a teacher whatever the method; el2n, grand and forgetting score with proxies).
-    if teacher is not None and method in TEACHER_METHODS + INFLUENCE_METHODS:
+    if teacher is not None and m.teacher_pass:
         t_logits, t_feats = logits_and_features(teacher, ds, config, all_idx, mesh,
                                                 num_classes)
     proxies = []
-    if needs_proxies(config):
+    if m.proxy_mode(config) is not None:
         proxies, proxy_seconds = train_proxies(config, ds, mesh, workdir, writer, log,
-                                               track_forgetting=method == "forgetting")
+                                               track_forgetting=m.track_forgetting)
         faults.maybe_kill("proxies:done")  # kill point: proxies trained, nothing scored
-    labels = ds.train_labels
-    if method == "teacher_el2n":
-        scores = np.asarray(scoring.el2n_from_logits(t_logits, labels))
-    elif method == "entropy":
-        scores = np.asarray(scoring.entropy_from_logits(t_logits))
-    elif method == "margin":
-        scores = np.asarray(scoring.margin_from_logits(t_logits))
-    elif method == "moderate":
-        scores = scoring.moderate_scores(t_feats, labels, num_classes)
-    elif method == "forgetting":
-        scores = np.asarray(jax.device_get(scoring.forgetting_scores(proxies[0][1])))
-    elif method in ("el2n", "grand_last_layer"):
-        per = []
-        for model, _ in proxies:
-            lg, ft = logits_and_features(model, ds, config, all_idx, mesh, num_classes)
-            per.append(scoring.el2n_from_logits(lg, labels) if method == "el2n" else
-                       scoring.grand_last_layer_from_features(ft, lg, labels))
-        scores = np.mean(np.stack([np.asarray(p) for p in per]), axis=0)
-    elif method == "grand":
-        per = [batch_pass(_grand_fn(m.graphdef, config.score.grand_chunk_size, mesh),
-                          (m.params, m.batch_stats), ds, config, all_idx, mesh)
-               for m, _ in proxies]
-        scores = np.mean(np.stack(per), axis=0)
-    elif method in INFLUENCE_METHODS:
-        proxy = proxies[0][0] if proxies else None
-        scores = influence_scores_for(config, ds, mesh, log, teacher, proxy, t_logits, t_feats)
-    else:
-        raise ConfigError("prune.method", method, ", ".join(scoring.METHODS))
+    if m.score is None:
+        raise ConfigError("prune.method", method, ", ".join(methods.scored_names()))
+    inputs = methods.ScoreInputs(
+        config=config, labels=ds.train_labels, num_classes=num_classes,
+        teacher_logits=t_logits, teacher_features=t_feats, proxies=proxies,
+        logits_and_features=lambda model: logits_and_features(model, ds, config, all_idx,
+                                                              mesh, num_classes),
+        grand=lambda model: batch_pass(
+            _grand_fn(model.graphdef, config.score.grand_chunk_size, mesh),
+            (model.params, model.batch_stats), ds, config, all_idx, mesh),
+        influence=lambda: influence_scores_for(
+            config, ds, mesh, log, teacher, proxies[0][0] if proxies else None, t_logits,
+            t_feats))
+    scores = m.score(inputs)
     scores = np.asarray(scores, np.float32)
     scoring_seconds = time.perf_counter() - t0 - proxy_seconds
     meta.update(fingerprint=fp, proxy_seconds=round(proxy_seconds, 3),

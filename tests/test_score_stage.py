@@ -8,7 +8,14 @@ import jax
 import numpy as np
 import pytest
 
-from kdprune_jax import config_checks, pipeline, score_stage, scoring, selection, sharding
+from kdprune_jax import (
+    config_checks,
+    methods,
+    pipeline,
+    score_stage,
+    selection,
+    sharding,
+)
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.train.metrics import MetricsWriter
 from tests.test_pipeline import load_config, override
@@ -34,7 +41,7 @@ def _scores(env, mesh=None, **fields):
                                       MetricsWriter(workdir), lambda *_: None, teacher), c
 
 
-@pytest.mark.parametrize("method", [m for m in scoring.METHODS if m != "random"])
+@pytest.mark.parametrize("method", methods.scored_names())
 def test_every_method_scores_and_selects_exact_counts(env, method):
     config, workdir, ds, _ = env
     extra = {"influence__solver": "exact"} if method == "self_influence" else {}
@@ -46,7 +53,7 @@ def test_every_method_scores_and_selects_exact_counts(env, method):
     sub = pipeline.select_subset(c, ds, workdir, scores, meta)
     want = selection.class_keep_counts(ds.train_labels[ds.pool], c.prune.keep_fraction, 10)
     np.testing.assert_array_equal(sub.class_counts, want)
-    assert sub.direction == scoring.KEEP[method]
+    assert sub.direction == methods.get(method).keep
     if sub.direction == "highest":  # kept examples outrank dropped ones within each class
         for k in range(10):
             members = ds.pool[ds.train_labels[ds.pool] == k]
@@ -171,3 +178,50 @@ def test_diag_fisher_influence_through_the_stage(env):
     print(f"diag_fisher vs cg influence on the digits head, Spearman {rho[0, 1]:.3f}")
     with pytest.raises(ConfigError, match="influence.solver='diag_fisher'.*scope=full"):
         config_checks.validate(override(c, influence__scope="full", influence__loss="ce"))
+
+
+def test_a_toy_method_is_one_table_entry_plus_its_score_function(env, tmp_path):
+    """Registered in the method table only: config checks accept it, the score stage runs
+    its function, selection keeps its per-class top-k, and the pipeline runs it end to end."""
+    config, workdir, ds, _ = env
+
+    def toy_scores(inputs):  # the teacher's logit of the true class, as a score
+        return inputs.teacher_logits[np.arange(len(inputs.labels)), inputs.labels]
+
+    methods.register(methods.Method("toy_true_logit", "highest", teacher_pass=True,
+                                    teacher=True, score=toy_scores))
+    try:
+        c = override(config, prune__method="toy_true_logit")
+        config_checks.validate(c)
+        wd = str(tmp_path / "toy")
+        import shutil
+
+        shutil.copytree(os.path.join(workdir, "teacher"), os.path.join(wd, "teacher"))
+        r = pipeline.run(c, wd)
+        assert r["subset"]["method"] == "toy_true_logit"
+        scores = np.load(os.path.join(wd, "scores", "toy_true_logit.npz"))["scores"]
+        sub = pipeline.select_subset(c, ds, wd, scores, None)
+        want = selection.class_keep_counts(ds.train_labels[ds.pool], c.prune.keep_fraction, 10)
+        for k in range(10):  # the subset is each class's top-k by the toy score
+            members = ds.pool[ds.train_labels[ds.pool] == k]
+            top = members[np.argsort(-scores[members], kind="stable")[:want[k]]]
+            np.testing.assert_array_equal(np.sort(sub.indices[np.isin(sub.indices, members)]),
+                                          np.sort(top))
+    finally:
+        methods.METHODS.pop("toy_true_logit", None)
+    with pytest.raises(ConfigError, match="prune.method='toy_true_logit'"):
+        config_checks.validate(c)
+
+
+def test_a_model_registered_at_run_time_passes_the_config_checks(env):
+    from kdprune_jax import models
+
+    config = env[0]
+    with pytest.raises(ConfigError, match="student.model='my_resnet8'"):
+        config_checks.validate(override(config, student__model="my_resnet8"))
+    models.register_model("my_resnet8", models._REGISTRY["cifar_resnet8"])
+    try:
+        config_checks.validate(override(config, student__model="my_resnet8"))
+    finally:
+        models._REGISTRY.pop("my_resnet8")
+        models.MODEL_NAMES = tuple(sorted(models._REGISTRY))
