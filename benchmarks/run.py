@@ -21,7 +21,7 @@ import time
 
 from benchmarks import common
 
-SUITES = ("kd_step", "conv_profile", "grand", "influence", "influence_diag_fisher",
+SUITES = ("kd_step", "conv_profile", "grand", "influence", "influence_diag_fisher", "kfac",
           "ifbeta_cost", "cached_teacher", "scaling")
 
 
@@ -109,6 +109,12 @@ def main(argv=None) -> int:
 
         rows += influence.run_diag_fisher(n_train=500 if args.quick else 5000,
                                           n_val=100 if args.quick else 1000, reps=reps)
+        save()
+    if "kfac" in only:
+        from benchmarks import kfac
+
+        rows += kfac.run(n_train=500 if args.quick else 5000, n_val=100 if args.quick else 1000,
+                         reps=reps)
         save()
     if "ifbeta_cost" in only:
         from benchmarks import ifbeta_cost

@@ -61,6 +61,19 @@ from kdprune_jax.scoring.influence import (
     s_test,
     self_influence,
 )
+from kdprune_jax.scoring.kfac import (
+    Factors,
+    FactorsMismatchError,
+    estimate_memory,
+    find_layers,
+    fit_factors,
+    kfac_influence,
+    kfac_inverse,
+    kfac_s_test,
+    kfac_self_influence,
+    load_factors,
+    save_factors,
+)
 from kdprune_jax.scoring.moderate import moderate_scores
 
 # Which end of each score a method keeps (METHOD.md §3).
@@ -80,10 +93,12 @@ KEEP = {
 METHODS = tuple(KEEP)
 
 __all__ = [
-    "INFLUENCE_SOLVERS", "KEEP", "METHODS", "ForgettingTracker", "KroneckerPreconditioner",
-    "LossSignatureError", "SolverError", "check_solve", "diag_fisher", "el2n_from_logits",
-    "el2n_scores", "entropy_from_logits", "entropy_scores", "forgetting_scores",
+    "INFLUENCE_SOLVERS", "KEEP", "METHODS", "Factors", "FactorsMismatchError",
+    "ForgettingTracker", "KroneckerPreconditioner", "LossSignatureError", "SolverError",
+    "check_solve", "diag_fisher", "el2n_from_logits", "el2n_scores", "entropy_from_logits",
+    "entropy_scores", "estimate_memory", "find_layers", "fit_factors", "forgetting_scores",
     "grand_last_layer_from_features", "grand_scores", "influence_from_s_test", "init_tracker",
-    "margin_from_logits", "margin_scores", "moderate_scores", "s_test", "self_influence",
-    "update_tracker",
+    "kfac_influence", "kfac_inverse", "kfac_s_test", "kfac_self_influence", "load_factors",
+    "margin_from_logits", "margin_scores", "moderate_scores", "s_test", "save_factors",
+    "self_influence", "update_tracker",
 ]

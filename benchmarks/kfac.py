@@ -1,0 +1,219 @@
+"""EK-FAC influence of 5,000 real CIFAR-10 training images on a validation loss: ours
+(`scoring.fit_factors` + `scoring.kfac_influence`) vs kronfluence 1.0.1 (PyPI, PyTorch),
+and, on the same weights, our EK-FAC against our CG (`scoring.s_test(solver="cg")`).
+
+The workload is benchmarks/influence.py's (`_workload`): an MLP 3072 -> `hidden` (tanh)
+-> 10 on normalized pixels, trained once (full-batch Adam, fixed seed) in JAX and copied
+into an nnx model and a torch model, so all sides score the same weights; the target is
+the cross-entropy over the validation set.
+
+Same computation on both EK-FAC sides:
+- both Linear layers tracked, bias as a homogeneous coordinate (kronfluence's default
+  for nn.Linear; ours for nnx.Linear);
+- the EMPIRICAL Fisher (observed labels) on both sides, so no sampled labels differ
+  (kronfluence ``use_empirical_fisher=True``; ours ``fisher="empirical"``);
+- damping = 0.1 x the mean EK-FAC eigenvalue per layer: kronfluence's heuristic
+  (``damping_factor=None``), ours ``damping_mode="relative", damping=0.1``;
+- the query gradient is the summed validation gradient (kronfluence
+  ``aggregate_query_gradients=True``), ours the mean: a constant factor, so the Spearman
+  correlation between the score vectors is unaffected;
+- both fit factors and score in float32 rows of `chunk` examples; kronfluence
+  eigendecomposes in float64 (its default), ours in float32.
+
+Reported: time to factors and time to scores (median of >= 5 repetitions; our compile
+time apart; kronfluence writes its factors and scores to a temporary directory, which is
+part of its time), the Spearman correlation between the two score vectors; and EK-FAC
+(factors + scores) against a converged CG on the full Hessian (the smallest damping of
+`cg_dampings` at which CG reaches a relative residual below 1e-3, as
+benchmarks/influence.py's diag-Fisher row), both ours: time and Spearman (EK-FAC with the
+same absolute damping as CG, and with the relative one). Peak memory is not measured here
+(one process holds both sides). The CIFAR ResNet-20 row of issue 20 is not implemented.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import Row, timed
+from benchmarks.influence import _spearman, _workload
+
+
+class MLP(nnx.Module):
+    """benchmarks/influence.py's MLP as an nnx model: Linear - tanh - Linear."""
+
+    def __init__(self, d_in: int, hidden: int):
+        rngs = nnx.Rngs(0)
+        self.fc1 = nnx.Linear(d_in, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(jnp.tanh(self.fc1(x)))
+
+
+def _nnx_logits(graphdef, params, batch):
+    return nnx.merge(graphdef, params)(batch["x"])
+
+
+def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
+        train_steps: int = 300, chunk: int = 500, cg_iters: int = 500,
+        cg_dampings=(0.01, 0.1, 1.0)):
+    import functools
+
+    import jax
+    import torch
+    import torch.nn.functional as F
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    from kdprune_jax import scoring
+
+    params, train, val, per_example, mean_loss, (xtr, ytr, xva, yva) = _workload(
+        n_train, n_val, hidden, train_steps)
+    params = jax.device_get(params)
+    d_in = xtr.shape[1]
+
+    # Ours: the same weights in an nnx model.
+    model = MLP(d_in, hidden)
+    model.fc1.kernel[...] = jnp.asarray(params["w1"])
+    model.fc1.bias[...] = jnp.asarray(params["b1"])
+    model.fc2.kernel[...] = jnp.asarray(params["w2"])
+    model.fc2.bias[...] = jnp.asarray(params["b2"])
+    graphdef, nparams = nnx.split(model, nnx.Param)
+    logits_fn = functools.partial(_nnx_logits, graphdef)
+    layers = scoring.find_layers(model)
+    z_ref = jnp.tanh(val["x"] @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
+    np.testing.assert_allclose(np.asarray(logits_fn(nparams, val)), np.asarray(z_ref),
+                               rtol=1e-4, atol=1e-4)
+
+    def factors():
+        return scoring.fit_factors(logits_fn, nparams, train, layers=layers,
+                                   fisher="empirical", targets="y", chunk_size=chunk,
+                                   log=None)[0]
+
+    t0 = time.perf_counter()
+    fac = jax.block_until_ready(factors())
+    fac_compile = time.perf_counter() - t0
+    med_f, times_f = timed(factors, reps=reps, warmup=0, sync=jax.block_until_ready)
+
+    def scores(damping=0.1, mode="relative"):
+        return scoring.kfac_influence(fac, logits_fn, nparams, train, val, damping=damping,
+                                      damping_mode=mode, targets="y", chunk_size=chunk)[0]
+
+    t0 = time.perf_counter()
+    ours = np.asarray(jax.block_until_ready(scores()))
+    sc_compile = time.perf_counter() - t0
+    med_s, times_s = timed(scores, reps=reps, warmup=0, sync=jax.block_until_ready)
+
+    # kronfluence on the same weights and data.
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(hidden, 10))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(np.asarray(params["w1"]).T.copy()))
+        net[0].bias.copy_(torch.from_numpy(np.asarray(params["b1"])))
+        net[2].weight.copy_(torch.from_numpy(np.asarray(params["w2"]).T.copy()))
+        net[2].bias.copy_(torch.from_numpy(np.asarray(params["b2"])))
+
+    class CETask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, y = batch
+            logits = model(x)
+            if sample:  # not reached: use_empirical_fisher=True
+                with torch.no_grad():
+                    y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
+            return F.cross_entropy(logits, y, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, y = batch
+            return F.cross_entropy(model(x), y, reduction="sum")
+
+    task = CETask()
+    net = prepare_model(net, task)
+    tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr).long())
+    va_ds = torch.utils.data.TensorDataset(torch.from_numpy(xva), torch.from_numpy(yva).long())
+    out_dir = tempfile.mkdtemp(prefix="kdprune_bench_kronfluence_")
+    analyzer = Analyzer(analysis_name="cifar_mlp", model=net, task=task, cpu=True,
+                        disable_tqdm=True, output_dir=out_dir)
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
+    score_args = ScoreArguments(damping_factor=None, aggregate_query_gradients=True)
+
+    def their_factors():
+        analyzer.fit_all_factors("ekfac", tr_ds, per_device_batch_size=chunk,
+                                 factor_args=factor_args, overwrite_output_dir=True)
+
+    def their_scores():
+        analyzer.compute_pairwise_scores("scores", "ekfac", va_ds, tr_ds,
+                                         per_device_query_batch_size=n_val,
+                                         per_device_train_batch_size=chunk,
+                                         score_args=score_args, overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores("scores")["all_modules"]
+
+    try:
+        med_tf, times_tf = timed(their_factors, reps=reps, warmup=1)
+        ref = their_scores().numpy().reshape(-1)
+        med_ts, times_ts = timed(their_scores, reps=reps, warmup=0)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    rho = _spearman(ours, ref)
+    r = float(np.corrcoef(ours, ref)[0, 1])
+
+    # Our CG on the full Hessian, converged (as benchmarks/influence.py's run_diag_fisher:
+    # this MLP's Hessian is indefinite, so the smallest damping at which CG converges).
+    def cg_fn(damping):
+        @jax.jit
+        def cg(p, train, val):
+            s, info = scoring.s_test(mean_loss, mean_loss, p, train, val, solver="cg",
+                                     damping=damping, max_iters=cg_iters, tol=1e-4)
+            return scoring.influence_from_s_test(per_example, p, train, s), info
+        return cg
+
+    jparams = jax.tree.map(jnp.asarray, params)
+    for cg_damping in cg_dampings:
+        cg = cg_fn(cg_damping)
+        t0 = time.perf_counter()
+        cg_scores, info = jax.block_until_ready(cg(jparams, train, val))
+        cg_compile = time.perf_counter() - t0
+        if float(info["residual"]) < 1e-3:
+            break
+    else:
+        raise RuntimeError(f"CG did not converge at any damping of {cg_dampings}")
+    med_cg, times_cg = timed(lambda: cg(jparams, train, val), reps=reps, warmup=0,
+                             sync=jax.block_until_ready)
+    cg_scores = np.asarray(cg_scores)
+    ours_abs = np.asarray(scores(cg_damping, "absolute"))
+    rho_cg_abs = _spearman(ours_abs, cg_scores)
+    rho_cg_rel = _spearman(ours, cg_scores)
+    rho_ref_cg = _spearman(ref, cg_scores)
+
+    work = (f"MLP 3072-{hidden}-10 ({d_in * hidden + hidden * 11:,} params), {n_train} CIFAR-10 "
+            f"train x {n_val} val")
+    kv = importlib.metadata.version("kronfluence")
+    return [
+        Row(workload=f"EK-FAC factors (empirical Fisher), {work}", unit="s",
+            higher_is_better=False, ours=med_f, ours_label="fit_factors (2 passes + eigh f32)",
+            ref=med_tf, ref_label=f"kronfluence {kv} fit_all_factors (eigh f64)", reps=reps,
+            ours_spread=(min(times_f), max(times_f)), ref_spread=(min(times_tf), max(times_tf)),
+            compile_seconds=fac_compile),
+        Row(workload=f"EK-FAC influence scores, {work}, damping 0.1 x mean eigenvalue",
+            unit="s", higher_is_better=False, ours=med_s, ours_label="kfac_influence",
+            ref=med_ts, ref_label=f"kronfluence {kv} compute_pairwise_scores (aggregated query)",
+            reps=reps, ours_spread=(min(times_s), max(times_s)),
+            ref_spread=(min(times_ts), max(times_ts)), compile_seconds=sc_compile,
+            notes=f"Spearman ours vs kronfluence {rho:.4f}, Pearson {r:.4f}"),
+        Row(workload=f"Influence, {work}: EK-FAC (factors + scores) vs converged CG "
+                     f"(both ours)", unit="s", higher_is_better=False, ours=med_f + med_s,
+            ours_label="fit_factors + kfac_influence", ref=med_cg,
+            ref_label=(f"s_test CG ({int(info['iterations'])} it, damping {cg_damping:g}, "
+                       f"residual {float(info['residual']):.1e}) + one JVP"), reps=reps,
+            ref_spread=(min(times_cg), max(times_cg)), compile_seconds=cg_compile,
+            notes=(f"Spearman EK-FAC vs CG: damping {cg_damping:g} absolute {rho_cg_abs:.4f}, "
+                   f"0.1 x mean eigenvalue {rho_cg_rel:.4f}; kronfluence vs CG "
+                   f"{rho_ref_cg:.4f}")),
+    ]
