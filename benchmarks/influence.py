@@ -67,6 +67,42 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def torch_mlp(params, d_in: int, hidden: int):
+    """The workload's MLP in PyTorch with `params`' weights (the references score it)."""
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
+                              torch.nn.Linear(hidden, 10))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.from_numpy(np.asarray(params["w1"]).T.copy()))
+        net[0].bias.copy_(torch.from_numpy(np.asarray(params["b1"])))
+        net[2].weight.copy_(torch.from_numpy(np.asarray(params["w2"]).T.copy()))
+        net[2].bias.copy_(torch.from_numpy(np.asarray(params["b2"])))
+    return net
+
+
+def converged_cg(params, train, val, per_example, mean_loss, dampings, cg_iters: int):
+    """Our CG influence at the smallest of `dampings` where CG converges (relative residual
+    < 1e-3): this MLP's Hessian is indefinite, and an unconverged CG is no reference for a
+    ranking. Returns (jitted cg(p, train, val), damping, scores, info, first-call seconds)."""
+    import jax
+
+    from kdprune_jax import scoring
+
+    for damping in dampings:
+        @jax.jit
+        def cg(p, train, val, damping=damping):
+            s, info = scoring.s_test(mean_loss, mean_loss, p, train, val, solver="cg",
+                                     damping=damping, max_iters=cg_iters, tol=1e-4)
+            return scoring.influence_from_s_test(per_example, p, train, s), info
+
+        t0 = time.perf_counter()
+        scores, info = jax.block_until_ready(cg(params, train, val))
+        if float(info["residual"]) < 1e-3:
+            return cg, damping, scores, info, time.perf_counter() - t0
+    raise RuntimeError(f"CG did not converge at any damping of {dampings}")
+
+
 def _workload(n_train: int, n_val: int, hidden: int, train_steps: int):
     """The MLP, trained once (full-batch Adam, fixed seed; not timed), its data and losses."""
     import jax
@@ -138,13 +174,7 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, cg_iters: int 
     flops = xla_flops(ours, params, train, val)
 
     # dattri on the same weights.
-    net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
-                              torch.nn.Linear(hidden, 10))
-    with torch.no_grad():
-        net[0].weight.copy_(torch.from_numpy(np.asarray(params["w1"]).T.copy()))
-        net[0].bias.copy_(torch.from_numpy(np.asarray(params["b1"])))
-        net[2].weight.copy_(torch.from_numpy(np.asarray(params["w2"]).T.copy()))
-        net[2].bias.copy_(torch.from_numpy(np.asarray(params["b2"])))
+    net = torch_mlp(params, d_in, hidden)
 
     def loss_func(p, data):
         x, y = data  # leading dims vary: (1, d) per example, (N, d) batch, (1, V, d) val
@@ -197,21 +227,8 @@ def run_diag_fisher(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, re
     params, train, val, per_example, mean_loss, _ = _workload(n_train, n_val, hidden,
                                                               train_steps)
 
-    def cg_fn(damping):
-        @jax.jit
-        def cg(p, train, val):
-            s, info = scoring.s_test(mean_loss, mean_loss, p, train, val, solver="cg",
-                                     damping=damping, max_iters=cg_iters, tol=1e-4)
-            return scoring.influence_from_s_test(per_example, p, train, s), info
-        return cg
-
-    for damping in dampings:
-        cg = cg_fn(damping)
-        cg_scores, info = jax.block_until_ready(cg(params, train, val))
-        if float(info["residual"]) < 1e-3:
-            break
-    else:
-        raise RuntimeError(f"CG did not converge at any damping of {dampings}")
+    cg, damping, cg_scores, info, _ = converged_cg(params, train, val, per_example, mean_loss,
+                                                   dampings, cg_iters)
 
     @jax.jit
     def diag(p, train, val):

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.common import Row, timed
-from benchmarks.influence import _spearman, _workload
+from benchmarks.influence import _spearman, _workload, converged_cg, torch_mlp
 
 
 class MLP(nnx.Module):
@@ -113,13 +113,7 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     med_s, times_s = timed(scores, reps=reps, warmup=0, sync=jax.block_until_ready)
 
     # kronfluence on the same weights and data.
-    net = torch.nn.Sequential(torch.nn.Linear(d_in, hidden), torch.nn.Tanh(),
-                              torch.nn.Linear(hidden, 10))
-    with torch.no_grad():
-        net[0].weight.copy_(torch.from_numpy(np.asarray(params["w1"]).T.copy()))
-        net[0].bias.copy_(torch.from_numpy(np.asarray(params["b1"])))
-        net[2].weight.copy_(torch.from_numpy(np.asarray(params["w2"]).T.copy()))
-        net[2].bias.copy_(torch.from_numpy(np.asarray(params["b2"])))
+    net = torch_mlp(params, d_in, hidden)
 
     class CETask(Task):
         def compute_train_loss(self, batch, model, sample=False):
@@ -166,24 +160,9 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
 
     # Our CG on the full Hessian, converged (as benchmarks/influence.py's run_diag_fisher:
     # this MLP's Hessian is indefinite, so the smallest damping at which CG converges).
-    def cg_fn(damping):
-        @jax.jit
-        def cg(p, train, val):
-            s, info = scoring.s_test(mean_loss, mean_loss, p, train, val, solver="cg",
-                                     damping=damping, max_iters=cg_iters, tol=1e-4)
-            return scoring.influence_from_s_test(per_example, p, train, s), info
-        return cg
-
     jparams = jax.tree.map(jnp.asarray, params)
-    for cg_damping in cg_dampings:
-        cg = cg_fn(cg_damping)
-        t0 = time.perf_counter()
-        cg_scores, info = jax.block_until_ready(cg(jparams, train, val))
-        cg_compile = time.perf_counter() - t0
-        if float(info["residual"]) < 1e-3:
-            break
-    else:
-        raise RuntimeError(f"CG did not converge at any damping of {cg_dampings}")
+    cg, cg_damping, cg_scores, info, cg_compile = converged_cg(
+        jparams, train, val, per_example, mean_loss, cg_dampings, cg_iters)
     med_cg, times_cg = timed(lambda: cg(jparams, train, val), reps=reps, warmup=0,
                              sync=jax.block_until_ready)
     cg_scores = np.asarray(cg_scores)

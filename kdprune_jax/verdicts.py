@@ -74,33 +74,38 @@ def a1_kd_helps_every_method(rows) -> tuple[str, str]:
                 lines.append(f"{m} keep {k}: KD - no KD {_fmt(d)}")
     if not comps:
         return NOT_TESTED, "no (method, kept fraction) has finished cells with and without KD"
+    return _decide(comps), "; ".join(lines)
+
+
+def _decide(comps: list[int]) -> str:
+    """Fails if any comparison fails in every seed, holds if every one holds in every seed."""
     if any(c < 0 for c in comps):
-        verdict = FAILS
-    elif all(c > 0 for c in comps):
-        verdict = HOLDS
-    else:
-        verdict = INCONCLUSIVE
-    return verdict, "; ".join(lines)
+        return FAILS
+    return HOLDS if all(c > 0 for c in comps) else INCONCLUSIVE
+
+
+def _method_vs_others(rows, method: str, none: str) -> tuple[str, str]:
+    """`method` against every other method at each kept fraction, KD cells of Table 1."""
+    t1 = [r for r in _table1(rows) if r.get("kd.alpha") == KD_ALPHA]
+    comps, lines = [], []
+    for m in sorted({r["prune.method"] for r in t1} - {method}):
+        for k in sorted({r["prune.keep_fraction"] for r in t1 if r["prune.method"] == m}):
+            d = paired(t1, {"prune.method": method, "prune.keep_fraction": k},
+                       {"prune.method": m, "prune.keep_fraction": k}, ("prune.method",))
+            if d:
+                comps.append(_sign(d))
+                lines.append(f"keep {k}: {method} - {m} {_fmt(d)}")
+    if not comps:
+        return NOT_TESTED, none
+    return _decide(comps), "; ".join(lines)
 
 
 def a2_random_matches_scores_with_kd(rows) -> tuple[str, str]:
     """A2: with KD, random matches or beats every score-based method at every fraction. It
     fails where a method beats random in every seed; it holds where, at every (method,
-    fraction), random is never beaten in every seed and beats or ties in at least one."""
-    t1 = [r for r in _table1(rows) if r.get("kd.alpha") == KD_ALPHA]
-    comps, lines = [], []
-    for m in sorted({r["prune.method"] for r in t1} - {"random"}):
-        for k in sorted({r["prune.keep_fraction"] for r in t1 if r["prune.method"] == m}):
-            d = paired(t1, {"prune.method": "random", "prune.keep_fraction": k},
-                       {"prune.method": m, "prune.keep_fraction": k}, ("prune.method",))
-            if d:
-                comps.append(_sign(d))
-                lines.append(f"keep {k}: random - {m} {_fmt(d)}")
-    if not comps:
-        return NOT_TESTED, "no score-based method has finished KD cells beside random"
-    verdict = FAILS if any(c < 0 for c in comps) else HOLDS if all(c > 0 for c in comps) \
-        else INCONCLUSIVE
-    return verdict, "; ".join(lines)
+    fraction), random beats it in every seed."""
+    return _method_vs_others(rows, "random",
+                             "no score-based method has finished KD cells beside random")
 
 
 def a4_best_weight_grows_as_fraction_shrinks(rule: dict | None) -> tuple[str, str]:
@@ -121,22 +126,11 @@ def a4_best_weight_grows_as_fraction_shrinks(rule: dict | None) -> tuple[str, st
 
 def b2_ifbeta_beats_fixed_rules(rows) -> tuple[str, str]:
     """B2: IF-Beta (with KD) beats every other selection at every kept fraction."""
-    t1 = [r for r in _table1(rows) if r.get("kd.alpha") == KD_ALPHA]
-    if not any(r["prune.method"] == "ifbeta" for r in t1):
+    if not any(r["prune.method"] == "ifbeta" and r.get("kd.alpha") == KD_ALPHA
+               for r in _table1(rows)):
         return NOT_TESTED, "no finished IF-Beta cell"
-    comps, lines = [], []
-    for m in sorted({r["prune.method"] for r in t1} - {"ifbeta"}):
-        for k in sorted({r["prune.keep_fraction"] for r in t1 if r["prune.method"] == m}):
-            d = paired(t1, {"prune.method": "ifbeta", "prune.keep_fraction": k},
-                       {"prune.method": m, "prune.keep_fraction": k}, ("prune.method",))
-            if d:
-                comps.append(_sign(d))
-                lines.append(f"keep {k}: ifbeta - {m} {_fmt(d)}")
-    if not comps:
-        return NOT_TESTED, "no other method beside IF-Beta at the same kept fraction"
-    verdict = FAILS if any(c < 0 for c in comps) else HOLDS if all(c > 0 for c in comps) \
-        else INCONCLUSIVE
-    return verdict, "; ".join(lines)
+    return _method_vs_others(rows, "ifbeta",
+                             "no other method beside IF-Beta at the same kept fraction")
 
 
 def full_data_kd(rows) -> list[float]:

@@ -106,6 +106,10 @@ class _Preempted(Exception):
     pass
 
 
+def _die():  # stands in for faults.kill_self: the "killed" process raises instead
+    raise _Preempted
+
+
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     from kdprune_jax import faults
 
@@ -113,11 +117,8 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     # Die right after step 7 (last checkpoint: step 4), as a preempted host would; the
     # same call then resumes from step 4 and replays steps 5-12 from the restored data
     # iterator position.
-    def die():
-        raise _Preempted
-
     # faults reads $KDPRUNE_KILL_AT once, at import: set its value directly in-process.
-    monkeypatch.setattr(faults, "kill_self", die)
+    monkeypatch.setattr(faults, "kill_self", _die)
     monkeypatch.setattr(faults, "KILL_AT", "student:7")
     with pytest.raises(_Preempted):
         _train(tmp_path / "b", 12)
@@ -273,10 +274,7 @@ def test_a_second_sigterm_during_the_save_changes_nothing(tmp_path, monkeypatch)
     ck.close()
     # The same step 4 from a run that never saw a signal (killed after step 5, before its
     # next save; the uninterrupted run keeps only its last two checkpoints).
-    def die():
-        raise _Preempted
-
-    monkeypatch.setattr(faults, "kill_self", die)
+    monkeypatch.setattr(faults, "kill_self", _die)
     monkeypatch.setattr(faults, "KILL_AT", "student:5")
     with pytest.raises(_Preempted):
         _train(tmp_path / "c", 12)
