@@ -101,12 +101,17 @@ def get_config():
         temperature=4.0,
         l2=1e-4,  # mu: L2 of the refit head (scope head)
         head_max_iters=500,  # L-BFGS iterations for the head fit
-        solver="cg",  # exact | cg | lissa | diag_fisher (scopes head, last_layer)
-        damping=1e-3,
+        # exact | cg | lissa | diag_fisher (scopes head, last_layer) | kfac | ekfac (scopes
+        # last_layer, full: Kronecker-factored Fisher, factors saved in DIR/influence/)
+        solver="cg",
+        damping=1e-3,  # added to H (or to the K-FAC eigenvalues: kfac_damping_mode)
         max_iters=200,
         tol=1e-5,
         lissa_scale=10.0,
         hessian_examples=2000,  # scope full: pool examples defining the Hessian (0 = all)
+        kfac_fisher="true",  # true (sampled labels) | empirical | expected (Gauss-Newton)
+        kfac_damping_mode="absolute",  # absolute | relative (damping x mean eigenvalue)
+        kfac_chunk_size=128,  # rows per K-FAC pass (memory only)
     ))
     # IF-Beta (METHOD.md §5, our reconstruction of paper B): the proxy problem on teacher
     # features and its influence ranks.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from kdprune_jax import kd_alpha, methods, models, sharding
 from kdprune_jax.data import AUGMENTATIONS, SOURCE_KINDS
 from kdprune_jax.errors import ConfigError
-from kdprune_jax.scoring.influence import INFLUENCE_SOLVERS
+from kdprune_jax.scoring.kfac import DAMPING_MODES, FISHERS
 from kdprune_jax.selection import DIRECTIONS, RULES
 from kdprune_jax.train.state import SCHEDULES
 
@@ -87,8 +87,25 @@ def _check_scoring(config, n_dev) -> None:
             "ce when influence.model=teacher with scope last_layer/full (the teacher's KD loss "
             "against itself has zero gradient for every example); or use model=proxy, or "
             "scope=head")
-    if i.solver not in INFLUENCE_SOLVERS:
-        raise ConfigError("influence.solver", i.solver, ", ".join(INFLUENCE_SOLVERS))
+    if i.solver not in methods.INFLUENCE_STAGE_SOLVERS:
+        raise ConfigError("influence.solver", i.solver,
+                          ", ".join(methods.INFLUENCE_STAGE_SOLVERS))
+    if i.solver in methods.KFAC_SOLVERS:
+        if i.scope == "head":
+            raise ConfigError("influence.solver", i.solver,
+                              "exact, cg, lissa, diag_fisher with influence.scope=head (K-FAC "
+                              "needs a trained network's layers: scope last_layer or full)")
+        if config.prune.method == "self_influence" and i.loss != "ce":
+            raise ConfigError("influence.loss", i.loss,
+                              f"ce with prune.method=self_influence and influence.solver="
+                              f"{i.solver} (its per-example gradients are of the "
+                              f"cross-entropy the factors are fitted for)")
+    if i.kfac_fisher not in FISHERS:
+        raise ConfigError("influence.kfac_fisher", i.kfac_fisher, ", ".join(FISHERS))
+    if i.kfac_damping_mode not in DAMPING_MODES:
+        raise ConfigError("influence.kfac_damping_mode", i.kfac_damping_mode,
+                          ", ".join(DAMPING_MODES))
+    _positive("influence.kfac_chunk_size", i.kfac_chunk_size, integer=True)
     if i.solver == "diag_fisher" and i.scope == "full":
         raise ConfigError("influence.solver", i.solver,
                           "exact, cg, lissa with influence.scope=full (diag_fisher needs "

@@ -27,6 +27,10 @@ from kdprune_jax import scoring
 
 KEEPS = ("highest", "lowest", "middle", "-")
 INFLUENCE_SCOPES = ("full", "last_layer", "head")
+# The influence stage's solvers: the library's inverse-HVP solvers, plus K-FAC / EK-FAC
+# (factors fitted once per model and data, scopes last_layer and full).
+KFAC_SOLVERS = ("kfac", "ekfac")
+INFLUENCE_STAGE_SOLVERS = (*scoring.INFLUENCE_SOLVERS, *KFAC_SOLVERS)
 
 
 @dataclasses.dataclass
@@ -188,6 +192,24 @@ def needs_proxies(config) -> bool:
     return get(config.prune.method).proxy_mode(config) is not None
 
 
+# Fields added to config.influence after score files were first written, with their
+# defaults: they enter the score key only when they differ, so existing files stay valid.
+_INFLUENCE_FIELDS_SINCE = {"kfac_fisher": "true", "kfac_damping_mode": "absolute"}
+# Memory knobs: the scores do not depend on them (beyond float rounding), so not keyed.
+_INFLUENCE_UNKEYED = ("kfac_chunk_size",)
+
+
+def influence_key(i) -> dict:
+    """config.influence as the influence scores depend on it."""
+    d = i.to_dict()
+    for k, default in _INFLUENCE_FIELDS_SINCE.items():
+        if d.get(k) == default:
+            d.pop(k)
+    for k in _INFLUENCE_UNKEYED:
+        d.pop(k, None)
+    return d
+
+
 def score_params(config) -> dict:
     """The config fields a method's scores depend on (its score key; recorded in the
     score metadata)."""
@@ -203,7 +225,7 @@ def score_params(config) -> dict:
                           config.student.optim.to_dict()]
         out["seed"] = config.seed  # proxies are seeded from it
     if m.influence:
-        out["influence"] = config.influence.to_dict()
+        out["influence"] = influence_key(config.influence)
         out["seed"] = config.seed  # scope full: the Hessian's examples are drawn with it
     for key, field in m.key_fields:
         node = config

@@ -232,14 +232,91 @@ def _check_influence_solve(info, i):
                                                              "lissa_scale")})
 
 
+# ------------------------------------------------------------------- K-FAC / EK-FAC factors
+KFAC_SOLVERS = methods.KFAC_SOLVERS
+FACTORS_FILE = os.path.join("influence", "factors.npz")
+
+
+def _nnx_logits(graphdef, rest, params, batch):
+    """Inference-mode logits of a network (module level: one compile per shape)."""
+    return nnx.merge(graphdef, params, rest)(batch["image"], train=False)
+
+
+def _linear_logits(graphdef, params, batch):
+    """Logits of a frozen-feature head (an nnx.Linear) on batch["features"]."""
+    return nnx.merge(graphdef, params)(batch["features"])
+
+
+def kfac_factors(config, workdir, log, *, logits_fn, params, layers, fit_batch,
+                 upstream: dict, report: dict):
+    """K-FAC / EK-FAC factors of the influence model: fitted on `fit_batch`, or reused
+    from DIR/influence/factors.npz when its fingerprint matches.
+
+    The factors are the Fisher of the model's softmax output (cross-entropy; "true" with
+    labels drawn from jax.random.key(config.seed), "empirical" with the observed labels,
+    "expected" in closed form), whatever influence.loss is: they do not depend on the
+    validation objective, so a run that only changes the target (influence.loss,
+    kd_weight, temperature) reuses them. `upstream` names what they do depend on (model,
+    data, fitting rows). `report` receives fit_seconds / reused / memory for the score
+    metadata (the pruning cost).
+    """
+    i = config.influence
+    ekfac = i.solver == "ekfac"
+    fp = {**upstream, "fisher": i.kfac_fisher, "ekfac": ekfac, "loss": "cross_entropy"}
+    path = os.path.join(workdir, FACTORS_FILE)
+    if os.path.exists(path):
+        try:
+            factors = scoring.load_factors(path, fp)
+        except scoring.FactorsMismatchError:
+            log(f"[scores] K-FAC factors {path} are stale (another model, data or "
+                f"influence.kfac_fisher); refitting")
+        except ArtifactError as e:
+            log(f"[scores] K-FAC factors {path} are unreadable ({e}); refitting")
+        else:
+            log(f"[scores] reusing K-FAC factors {path} (no refit)")
+            report.update(reused=True, fit_seconds=0.0)
+            return factors
+    t0 = time.perf_counter()
+    factors, info = scoring.fit_factors(
+        logits_fn, params, fit_batch, layers=layers, fisher=i.kfac_fisher,
+        key=jax.random.key(config.seed), ekfac=ekfac, chunk_size=i.kfac_chunk_size, log=log)
+    factors = jax.block_until_ready(factors)
+    seconds = time.perf_counter() - t0
+    log(f"[scores] {'EK-FAC' if ekfac else 'K-FAC'} factors: {len(info['layers'])} layers "
+        f"fitted on {info['num_examples']} examples in {seconds:.1f} s; excluded (no "
+        f"curvature, no influence): {len(info['excluded'])} parameters"
+        + (f" ({', '.join(info['excluded'][:4])}{', ...' if len(info['excluded']) > 4 else ''})"
+           if info["excluded"] else ""))
+    report.update(reused=False, fit_seconds=round(seconds, 3),
+                  memory_bytes=int(info["memory"]["total_bytes"]),
+                  layers=len(info["layers"]), excluded=len(info["excluded"]))
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        scoring.save_factors(path, factors, fp)  # atomic: temporary file + rename
+    return factors
+
+
+def _kfac_precondition(factors, grad, i):
+    """(F + damping)^-1 grad for the configured K-FAC flavour; zeros outside the tracked
+    layers (BatchNorm scale/bias get no curvature and no influence)."""
+    return scoring.kfac_inverse(factors, grad, damping=i.damping, method=i.solver,
+                                damping_mode=i.kfac_damping_mode)
+
+
 def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Model | None,
-                         t_logits=None, t_feats=None):
-    """influence / self_influence over the train split, per config.influence (see module)."""
+                         t_logits=None, t_feats=None, workdir: str = "", report=None):
+    """influence / self_influence over the train split, per config.influence (see module).
+
+    With influence.solver kfac / ekfac the inverse curvature comes from factors saved in
+    `workdir` (see `kfac_factors`); `report` (a dict) receives their cost."""
     i = config.influence
     method = config.prune.method
     lam, tau = i.kd_weight, i.temperature
     all_idx = np.arange(len(ds.train))
     rng = np.random.default_rng(config.seed)
+    report = {} if report is None else report
+    kfac = i.solver in KFAC_SOLVERS
+    data_eval = methods.score_params(config)["data_eval"]
 
     if i.scope in ("head", "last_layer"):
         # Linear problem on frozen features: a convex head (scope head, refit on teacher
@@ -275,22 +352,47 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
         train_obj = functools.partial(head_lib.head_objective, lam=loss_lam, temperature=tau,
                                       l2=l2)
         val_obj = lambda p, b: jnp.mean(per_ex(p, b))  # noqa: E731
+        if kfac:  # scope last_layer (config checks): the trained head as an nnx.Linear
+            head = nnx.Linear(*theta["w"].shape, rngs=nnx.Rngs(0))
+            head.kernel[...], head.bias[...] = theta["w"], theta["b"]
+            graphdef, hparams = nnx.split(head, nnx.Param)
+            logits_fn = jax.tree_util.Partial(_linear_logits, graphdef)
+            factors = kfac_factors(
+                config, workdir, log, logits_fn=logits_fn, params=hparams,
+                layers=scoring.find_layers(head), fit_batch=train_b, report=report,
+                upstream={"scope": i.scope, "model": src.fingerprint, "data": ds.fingerprint,
+                          "data_eval": data_eval, "rows": "pool"})
+
+            def theta_of(hp):
+                return {"w": hp["kernel"].get_value(), "b": hp["bias"].get_value()}
+
         if method == "self_influence":
             out = np.full(len(ds.train), np.nan, np.float32)
             for start in range(0, len(all_idx), 4096):
                 idx = all_idx[start:start + 4096]
-                got, info = scoring.self_influence(
-                    per_ex, train_obj, theta, train_b, rows(idx), solver=i.solver,
-                    damping=i.damping, max_iters=i.max_iters, tol=i.tol,
-                    lissa_scale=i.lissa_scale, check=False)
-                _check_influence_solve(info, i)
+                if kfac:  # cross-entropy with the observed labels (config checks)
+                    got, _ = scoring.kfac_self_influence(
+                        factors, logits_fn, hparams, rows(idx), damping=i.damping,
+                        method=i.solver, damping_mode=i.kfac_damping_mode,
+                        chunk_size=i.kfac_chunk_size)
+                else:
+                    got, info = scoring.self_influence(
+                        per_ex, train_obj, theta, train_b, rows(idx), solver=i.solver,
+                        damping=i.damping, max_iters=i.max_iters, tol=i.tol,
+                        lissa_scale=i.lissa_scale, check=False)
+                    _check_influence_solve(info, i)
                 out[idx] = np.asarray(got)
             return out
-        s, info = scoring.s_test(train_obj, val_obj, theta, train_b, val_b, solver=i.solver,
-                                 damping=i.damping, max_iters=i.max_iters, tol=i.tol,
-                                 lissa_scale=i.lissa_scale, example_losses=per_ex,
-                                 check=False)
-        _check_influence_solve(info, i)
+        if kfac:
+            grad = jax.grad(lambda hp: val_obj(theta_of(hp), val_b))(hparams)
+            s = theta_of(_kfac_precondition(factors, grad, i)[0])
+        else:
+            s, info = scoring.s_test(train_obj, val_obj, theta, train_b, val_b,
+                                     solver=i.solver, damping=i.damping,
+                                     max_iters=i.max_iters, tol=i.tol,
+                                     lissa_scale=i.lissa_scale, example_losses=per_ex,
+                                     check=False)
+            _check_influence_solve(info, i)
         out = np.full(len(ds.train), np.nan, np.float32)
         for start in range(0, len(all_idx), 8192):
             idx = all_idx[start:start + 8192]
@@ -298,25 +400,51 @@ def influence_scores_for(config, ds, mesh, log, teacher: Model | None, proxy: Mo
         return out
 
     # scope full: every parameter of the teacher or proxy network (inference-mode BN).
-    if method == "self_influence":
+    if method == "self_influence" and not kfac:
         raise ConfigError("influence.scope", i.scope,
                           "head or last_layer for self_influence (one inverse-HVP solve per "
-                          "example is unaffordable over all parameters)")
+                          "example is unaffordable over all parameters), or "
+                          "influence.solver=kfac/ekfac")
     src = teacher if i.model == "teacher" else proxy
     kd_targets = t_logits if i.loss == "kd" else None
     loss_fn = _model_losses(src.graphdef, i.loss, lam, tau, lambda p, bs: (p, bs))
     hess_idx = rng.permutation(ds.pool)[: i.hessian_examples or len(ds.pool)]
     hess_b = _load_rows(ds, config, hess_idx, mesh, kd_targets)
-    val_b = _load_rows(ds, config, ds.val, mesh, kd_targets)
     bs = sharding.replicate(src.batch_stats, mesh)
     params = sharding.replicate(src.params, mesh)
     train_obj = lambda p, b: jnp.mean(loss_fn(p, bs, b))  # noqa: E731
-    s, info = scoring.s_test(train_obj, train_obj, params, hess_b, val_b, solver=i.solver,
-                             damping=i.damping, max_iters=i.max_iters, tol=i.tol,
-                             lissa_scale=i.lissa_scale, check=False)
-    _check_influence_solve(info, i)
-    log(f"[scores] s_test: {int(info['iterations'])} {i.solver} iterations, relative "
-        f"residual {float(info['residual']):.2e}")
+    if kfac:
+        # The Hessian's examples become the factors' fitting rows; Linear and Conv layers
+        # are tracked, BatchNorm scale/bias excluded (no curvature, zero influence).
+        factors = kfac_factors(
+            config, workdir, log, logits_fn=jax.tree_util.Partial(_nnx_logits, src.graphdef, bs),
+            params=params, layers=scoring.find_layers(
+                nnx.merge(src.graphdef, src.params, src.batch_stats)),
+            fit_batch=hess_b, report=report,
+            upstream={"scope": "full", "model": src.fingerprint, "data": ds.fingerprint,
+                      "data_eval": data_eval, "rows": {"seed": config.seed,
+                                                       "hessian_examples": i.hessian_examples}})
+        if method == "self_influence":  # cross-entropy, observed labels (config checks)
+            graphdef = src.graphdef
+
+            def self_fn(p, bs, f, batch):
+                return scoring.kfac_self_influence(
+                    f, jax.tree_util.Partial(_nnx_logits, graphdef, bs), p,
+                    {"image": batch["image"], "label": batch["label"]}, damping=i.damping,
+                    method=i.solver, damping_mode=i.kfac_damping_mode,
+                    chunk_size=i.kfac_chunk_size)[0]
+
+            return batch_pass(self_fn, (params, bs, factors), ds, config, all_idx, mesh)
+    val_b = _load_rows(ds, config, ds.val, mesh, kd_targets)
+    if kfac:
+        s, _ = _kfac_precondition(factors, jax.grad(train_obj)(params, val_b), i)
+    else:
+        s, info = scoring.s_test(train_obj, train_obj, params, hess_b, val_b,
+                                 solver=i.solver, damping=i.damping, max_iters=i.max_iters,
+                                 tol=i.tol, lissa_scale=i.lissa_scale, check=False)
+        _check_influence_solve(info, i)
+        log(f"[scores] s_test: {int(info['iterations'])} {i.solver} iterations, relative "
+            f"residual {float(info['residual']):.2e}")
 
     def batch_fn(p, s, bs, batch):
         b = {"image": batch["image"], "label": batch["label"]}
@@ -412,6 +540,7 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
         faults.maybe_kill("proxies:done")  # kill point: proxies trained, nothing scored
     if m.score is None:
         raise ConfigError("prune.method", method, ", ".join(methods.scored_names()))
+    influence_report = {}
     inputs = methods.ScoreInputs(
         config=config, labels=ds.train_labels, num_classes=num_classes,
         teacher_logits=t_logits, teacher_features=t_feats, proxies=proxies,
@@ -422,13 +551,15 @@ def compute_scores(config, ds, mesh, workdir, writer: MetricsWriter, log,
             (model.params, model.batch_stats), ds, config, all_idx, mesh),
         influence=lambda: influence_scores_for(
             config, ds, mesh, log, teacher, proxies[0][0] if proxies else None, t_logits,
-            t_feats))
+            t_feats, workdir=workdir, report=influence_report))
     scores = m.score(inputs)
     scores = np.asarray(scores, np.float32)
     scoring_seconds = time.perf_counter() - t0 - proxy_seconds
     meta.update(fingerprint=fp, proxy_seconds=round(proxy_seconds, 3),
                 scoring_seconds=round(scoring_seconds, 3),
                 proxies=[m.fingerprint for m, _ in proxies])
+    if influence_report:  # K-FAC / EK-FAC: the factors' share of the scoring cost
+        meta["kfac"] = influence_report
     if jax.process_index() == 0:
         artifacts.write_npz(path, scores=scores, meta=meta)
     log(f"[scores] {method}: {len(scores)} scores in {scoring_seconds:.1f} s "
