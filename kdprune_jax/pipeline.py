@@ -30,6 +30,7 @@ from kdprune_jax import (
     artifacts,
     config_checks,
     data,
+    distributed,
     faults,
     ifbeta_stage,
     kd_alpha,
@@ -199,14 +200,19 @@ def import_teacher(config, num_classes: int, mesh):
         ck.close()
         raise ConfigError("teacher.init", config.teacher.init,
                           "a directory holding a kdprune_jax teacher checkpoint")
+    problem = None
     try:
         raw, meta = ck.restore_raw(step)
-    except CorruptCheckpointError as e:  # a user's teacher: refused, never modified
-        raise ConfigError("teacher.init", init, f"a readable kdprune_jax teacher checkpoint "
-                          f"directory; its latest step {step} is unreadable ({e.problem})"
-                          ) from None
+    except CorruptCheckpointError as e:
+        problem = e.problem
     finally:
         ck.close()
+    # Every process stops on the same branch: one that raised alone would leave the others
+    # waiting at the next collective until the heartbeat timeout.
+    if not distributed.all_agree(problem is None):  # a user's teacher: refused, never modified
+        raise ConfigError("teacher.init", init, f"a readable kdprune_jax teacher checkpoint "
+                          f"directory; its latest step {step} is unreadable "
+                          f"({problem or 'on another process'})")
     if not (isinstance(raw, dict) and isinstance(raw.get("params"), dict)
             and isinstance(raw.get("batch_stats"), dict)):
         raise ConfigError("teacher.init", init, f"a kdprune_jax teacher checkpoint directory; "

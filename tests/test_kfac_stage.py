@@ -13,8 +13,10 @@ from flax import nnx
 from kdprune_jax import config_checks, pipeline, score_stage, scoring, sharding
 from kdprune_jax.errors import ConfigError
 from kdprune_jax.train.metrics import MetricsWriter
+from tests import test_score_stage
 from tests.test_pipeline import override
-from tests.test_score_stage import env  # noqa: F401  (the module's fixture)
+
+env = test_score_stage.env  # its module fixture: the digits teacher, trained once here
 
 FULL = dict(prune__method="influence", influence__scope="full", influence__model="teacher",
             influence__loss="ce", influence__solver="ekfac", influence__damping=1e-2,

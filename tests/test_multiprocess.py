@@ -132,3 +132,31 @@ def test_batch_not_divisible_by_global_device_count_is_one_message_on_every_proc
     assert "a positive multiple of the global device count (8 = 2 processes x 4 devices)" in msgs[0]
     # Stopped before any training: nothing was trained or checkpointed.
     assert not (workdir / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_a_one_process_teacher_is_imported_and_reused_by_two_processes(tmp_path,
+                                                                       quickstart_smoke_run):
+    """A teacher trained by a plain 1-process run serves a 2-process run both ways: through
+    teacher.init (its arrays were saved on process 0's device, which process 1 cannot
+    address) and in place in the workdir (its data iterator state was saved for 1 process;
+    a finished teacher needs none). The teacher is evaluated to the same accuracy as where it
+    was trained, and never retrained."""
+    one = quickstart_smoke_run(str(tmp_path / "one"))
+    want = json.load(open(os.path.join(one, "results.json")))["teacher"]
+    base = ["--config=configs/quickstart.py:smoke"]
+    imported = run_cli([*base, f"--config.teacher.init={one}/teacher",
+                        f"--workdir={tmp_path / 'imported'}"], num_processes=2,
+                       devices_per_process=1, log_dir=str(tmp_path / "imported.logs"))
+    reused_wd = quickstart_smoke_run(str(tmp_path / "reused"), parts=["teacher"])
+    reused = run_cli([*base, f"--workdir={reused_wd}"], num_processes=2,
+                     devices_per_process=1, log_dir=str(tmp_path / "reused.logs"))
+    for procs, wd in ((imported, tmp_path / "imported"), (reused, reused_wd)):
+        _ok(procs)
+        out = procs[0].stdout + procs[0].stderr + procs[1].stderr
+        assert "unreadable" not in out and "moved to" not in out, out[-3000:]
+        got = json.load(open(os.path.join(wd, "results.json")))["teacher"]
+        assert got["count"] == want["count"] and got["accuracy"] == want["accuracy"]
+        assert abs(got["loss"] - want["loss"]) < 1e-5
+    assert "[teacher] already trained" in reused[0].stdout
+    assert not os.path.exists(tmp_path / "imported" / "teacher")

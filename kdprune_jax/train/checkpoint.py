@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from kdprune_jax import distributed, io_errors
 from kdprune_jax.artifacts import describe
@@ -172,10 +173,23 @@ class Checkpointer:
     def restore_raw(self, step: int):
         """Restore the saved state as plain nested dicts of arrays (no target structure),
         e.g. to import just the params of a model trained with another optimizer.
-        Returns (state_dict, meta)."""
+        Returns (state_dict, meta).
+
+        Every array lands on this process's first local device: the shardings saved with
+        the checkpoint name the devices of the run that wrote it, which another topology
+        (a 1-process teacher imported by each process of a multi-host run) may not be
+        able to address."""
         try:
+            # The handler reads the saved tree's shapes/dtypes locally (the manager knows
+            # no handler for a directory it did not write, and would return None).
+            tree = ocp.StandardCheckpointHandler().metadata(
+                epath.Path(self.directory) / str(step) / "state")
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                getattr(tree, "tree", tree))
             out = self.mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as e:
             raise CorruptCheckpointError(self.directory, step, describe(e)) from None
         return out["state"], dict(out["meta"])
@@ -303,8 +317,12 @@ def set_aside_if_stale(directory: str, fingerprint: str, log=print, name: str = 
 
 
 def open_for_training(directory: str, fingerprint: str, state_like, make_iter, log=print,
-                      name: str = ""):
+                      name: str = "", final_step: int | None = None):
     """The checkpoint manager of one training run, restored from its latest INTACT step.
+
+    A step at or past `final_step` (training finished) is restored without its data
+    iterator: nothing is left to read, and the iterator's state is per process, so a
+    finished checkpoint written by another process count stays usable.
 
     A stale directory is moved aside (`set_aside_if_stale`); a step that fails to restore
     or whose state does not match its checksum is moved to ``<dir>.corrupt-<time>/<step>``
@@ -319,8 +337,9 @@ def open_for_training(directory: str, fingerprint: str, state_like, make_iter, l
         step = ckpt.latest_step()
         if step is None:
             return ckpt, None, state_like, {}, data_iter
+        finished = final_step is not None and step >= final_step
         try:
-            state, meta = ckpt.restore(step, state_like, data_iter)
+            state, meta = ckpt.restore(step, state_like, None if finished else data_iter)
             problem = None
         except CorruptCheckpointError as e:
             problem = e.problem

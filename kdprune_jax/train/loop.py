@@ -91,7 +91,8 @@ def train_model(
     # A stale checkpoint directory is moved aside; a corrupt step too, with one log line,
     # and the latest intact step (or step 0) is where training continues.
     ckpt, latest, state, saved_meta, data_iter = open_for_training(
-        ckpt_dir, fingerprint, state, lambda: iter(dataset_fn()), log=log, name=name)
+        ckpt_dir, fingerprint, state, lambda: iter(dataset_fn()), log=log, name=name,
+        final_step=num_steps)
     start, resumed_from = 0, None
     meta = {"fingerprint": fingerprint, "num_steps": num_steps, "name": name}
     prior_seconds = 0.0  # training time already spent by earlier (interrupted) runs
