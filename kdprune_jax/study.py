@@ -18,6 +18,8 @@ workdir lock (`workdir_lock`, the same lock `pipeline.run` takes) while it runs:
     teachers/<t>/            the teacher, trained once on the pool (pipeline.teacher_stage)
     scores/<t>/<method>-s<k> one score file per (teacher, method, seed): proxies + scoring
     features/<t>/            one teacher-feature pass per teacher, for IF-Beta cells
+                             (cells whose data or score fields differ, e.g. label noise or
+                             the proxies' recipe, get their own unit: <name>-<key hash>)
     cells/<id>/              the cell: `pipeline.run` with teacher.init / prune.scores_file /
                              ifbeta.features_dir pointing at the shared units
 
@@ -199,6 +201,7 @@ class Unit:
     done_file: str
     deps: tuple = ()
     cell: Cell | None = None
+    key: dict | None = None  # shared units: what their artifact depends on (see _shared)
 
     def done(self) -> bool:
         return os.path.exists(self.done_file)
@@ -220,6 +223,20 @@ class Plan:
     def _add(self, u: Unit) -> Unit:
         self.units.setdefault(u.name, u)
         return self.units[u.name]
+
+    def _shared(self, kind: str, name: str, config, key: dict, done_rel: str, deps) -> Unit:
+        """The shared unit `name` for cells whose `key` (the config fields its artifact
+        depends on) agrees. A cell whose key differs from the unit already under that name
+        (e.g. another label noise or proxy recipe) gets its own unit, named with its key's
+        hash: sharing by name alone would hand it an artifact made for other data. Grids
+        expand in a fixed order, so the first cell's unit keeps the plain name."""
+        u = self.units.get(name)
+        if u is not None and u.key != key:
+            blob = json.dumps(key, sort_keys=True, default=str).encode()
+            name = f"{name}-{hashlib.sha256(blob).hexdigest()[:8]}"
+        wd = os.path.join(self.root, *name.split("/"))
+        return self._add(Unit(kind, name, wd, config, os.path.join(wd, done_rel), deps=deps,
+                              key=key))
 
     def teacher_config(self, t: str):
         over = {k: v for k, v in dict(self.study.teachers[t]).items()}
@@ -250,20 +267,21 @@ class Plan:
         extra = {}
         # The teacher is needed by every cell that distills or whose method reads it; the
         # pipeline decides, the runner only makes sure the shared teacher exists first.
+        from kdprune_jax import methods  # the score key (imports jax: not at module load)
+
+        data_key = {"teacher": t, "data": config.data.to_dict()}
         if method not in SCORE_METHODS_WITHOUT_FILE:
-            wd = os.path.join(self.root, "scores", t, f"{method}-s{seed}")
             score_cfg = apply_overrides(config, {"prune.keep_fraction": 1.0})
-            u = self._add(Unit("scores", f"scores/{t}/{method}-s{seed}", wd, score_cfg,
-                               os.path.join(wd, "scores", f"{method}.npz"),
-                               deps=(f"teacher/{t}",)))
+            u = self._shared("scores", f"scores/{t}/{method}-s{seed}", score_cfg,
+                             {**data_key, "score": methods.score_params(score_cfg)},
+                             os.path.join("scores", f"{method}.npz"), (f"teacher/{t}",))
             deps.append(u.name)
             extra["prune.scores_file"] = u.done_file
         elif method == "ifbeta":
-            wd = os.path.join(self.root, "features", t)
-            u = self._add(Unit("features", f"features/{t}", wd,
-                               apply_overrides(config, {"ifbeta.features_dir": ""}),
-                               os.path.join(wd, "features", "meta.json"),
-                               deps=(f"teacher/{t}",)))
+            u = self._shared("features", f"features/{t}",
+                             apply_overrides(config, {"ifbeta.features_dir": ""}),
+                             {**data_key, "feature_dtype": config.ifbeta.feature_dtype},
+                             os.path.join("features", "meta.json"), (f"teacher/{t}",))
             deps.append(u.name)
             extra["ifbeta.features_dir"] = os.path.dirname(u.done_file)
         if extra:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -61,6 +62,35 @@ def test_grid_expands_dedups_and_selects():
         study.select(plan.cells, shard="2/2")
     with pytest.raises(study.ConfigError, match="--cells"):
         study.select(plan.cells, ids="nope")
+
+
+def test_shared_units_are_shared_only_where_their_key_agrees():
+    """Cells that differ in a field the scores or features depend on (label noise, the
+    proxies' recipe) get their own unit; cells that differ only downstream (keep, KD
+    weight) share one. Sharing by (teacher, method, seed) alone would hand a noisy cell the
+    clean data's scores."""
+    s = study.load_study(os.path.join(ROOT, CONFIG))
+    with s.unlocked():
+        s.source = CONFIG
+        s.grids = [ml_collections.ConfigDict(dict(
+            name="noise", title="label noise",
+            axes=(("prune.method", ("el2n", "ifbeta")), ("data.label_noise", (0.0, 0.2)),
+                  ("kd.alpha", (0.5, 0.9)), ("proxy.num_epochs", (1, 2)), ("seed", (0,)))))]
+    plan = study.Plan(s, "/nonexistent")
+    units = {u.name: u for u in plan.ordered(plan.cells)}
+    scores = sorted(n for n, u in units.items() if u.kind == "scores")
+    features = sorted(n for n, u in units.items() if u.kind == "features")
+    assert len(scores) == 4 and len(features) == 2  # (noise x proxy epochs), (noise)
+    assert "scores/tiny/el2n-s0" in scores and "features/tiny" in features
+    for c in plan.cells:
+        cfg = plan.units[f"cell/{c.id}"].config
+        dep = cfg.prune.scores_file or cfg.ifbeta.features_dir
+        shared = next(u for u in units.values() if u.kind != "cell" and u.kind != "teacher"
+                      and dep.startswith(u.workdir + os.sep))
+        assert shared.config.data.label_noise == cfg.data.label_noise
+        if shared.kind == "scores":
+            assert shared.config.proxy.num_epochs == cfg.proxy.num_epochs
+    assert len({u.workdir for u in units.values()}) == len(units)
 
 
 @pytest.mark.slow
