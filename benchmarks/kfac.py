@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import shutil
-import tempfile
 import time
 
 import jax.numpy as jnp
@@ -43,6 +42,7 @@ from flax import nnx
 
 from benchmarks.common import Row, timed
 from benchmarks.influence import _spearman, _workload, converged_cg, torch_mlp
+from benchmarks.kronfluence_ekfac import ekfac_analysis
 
 
 class MLP(nnx.Module):
@@ -68,10 +68,6 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
 
     import jax
     import torch
-    import torch.nn.functional as F
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
 
     from kdprune_jax import scoring
 
@@ -115,39 +111,10 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     # kronfluence on the same weights and data.
     net = torch_mlp(params, d_in, hidden)
 
-    class CETask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:  # not reached: use_empirical_fisher=True
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
-    task = CETask()
-    net = prepare_model(net, task)
     tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr).long())
     va_ds = torch.utils.data.TensorDataset(torch.from_numpy(xva), torch.from_numpy(yva).long())
-    out_dir = tempfile.mkdtemp(prefix="kdprune_bench_kronfluence_")
-    analyzer = Analyzer(analysis_name="cifar_mlp", model=net, task=task, cpu=True,
-                        disable_tqdm=True, output_dir=out_dir)
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-    score_args = ScoreArguments(damping_factor=None, aggregate_query_gradients=True)
-
-    def their_factors():
-        analyzer.fit_all_factors("ekfac", tr_ds, per_device_batch_size=chunk,
-                                 factor_args=factor_args, overwrite_output_dir=True)
-
-    def their_scores():
-        analyzer.compute_pairwise_scores("scores", "ekfac", va_ds, tr_ds,
-                                         per_device_query_batch_size=n_val,
-                                         per_device_train_batch_size=chunk,
-                                         score_args=score_args, overwrite_output_dir=True)
-        return analyzer.load_pairwise_scores("scores")["all_modules"]
+    their_factors, their_scores, out_dir, _ = ekfac_analysis(
+        net, tr_ds, va_ds, name="cifar_mlp", chunk=chunk, query_batch=n_val)
 
     try:
         med_tf, times_tf = timed(their_factors, reps=reps, warmup=1)

@@ -189,11 +189,9 @@ def _child_kronfluence(z, baseline: bool) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    import torch.nn.functional as F
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.module.utils import get_tracked_module_names
-    from kronfluence.task import Task
+
+    from benchmarks.kronfluence_ekfac import ekfac_analysis
 
     chunk, reps = int(z["chunk"]), int(z["reps"])
     net = _torch_twin()(20, 10)
@@ -204,41 +202,12 @@ def _child_kronfluence(z, baseline: bool) -> dict:
             net(torch.from_numpy(z["probe_nchw"]))
         return {}
 
-    class CETask(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:  # not reached: use_empirical_fisher=True
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits, -1), 1).flatten()
-            return F.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return F.cross_entropy(model(x), y, reduction="sum")
-
-    task = CETask()
-    net = prepare_model(net, task)
     tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_train_nchw"]),
                                            torch.from_numpy(z["y_train"]).long())
     va_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_val_nchw"]),
                                            torch.from_numpy(z["y_val"]).long())
-    out_dir = tempfile.mkdtemp(prefix="kdprune_bench_kronfluence_")
-    analyzer = Analyzer(analysis_name="cifar_resnet20", model=net, task=task, cpu=True,
-                        disable_tqdm=True, output_dir=out_dir)
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True)
-    score_args = ScoreArguments(damping_factor=None, aggregate_query_gradients=True)
-
-    def their_factors():
-        analyzer.fit_all_factors("ekfac", tr_ds, per_device_batch_size=chunk,
-                                 factor_args=factor_args, overwrite_output_dir=True)
-
-    def their_scores():
-        analyzer.compute_pairwise_scores("scores", "ekfac", va_ds, tr_ds,
-                                         per_device_query_batch_size=chunk,
-                                         per_device_train_batch_size=chunk,
-                                         score_args=score_args, overwrite_output_dir=True)
-        return analyzer.load_pairwise_scores("scores")["all_modules"]
+    their_factors, their_scores, out_dir, net = ekfac_analysis(
+        net, tr_ds, va_ds, name="cifar_resnet20", chunk=chunk, query_batch=chunk)
 
     try:
         t0 = time.perf_counter()
