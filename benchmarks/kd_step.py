@@ -58,7 +58,7 @@ def jax_kd_step(teacher_name, student_name, batch_size=128, dtype="float32",
     tx, schedule = make_optimizer(opt, 100.0, 10_000)
     state = sharding.replicate(TrainState.create(params, bs, tx), mesh)
     teacher_vars = sharding.replicate((t_params, t_bs), mesh)
-    step = make_kd_train_step(graphdef, tx, mesh, teacher_graphdef=t_graphdef, alpha=ALPHA,
+    step = make_kd_train_step(graphdef, tx, mesh, teacher_graphdef=t_graphdef, kd_weight=ALPHA,
                               temperature=TAU, learning_rate_fn=schedule)
     x, y = _batch(batch_size)
     batch = sharding.to_global({"image": x, "label": y}, mesh)

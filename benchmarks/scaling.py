@@ -87,7 +87,7 @@ def measure(n, dim, *, num_classes=10, n_val=1000, reps=5, fit_iters=50, cg_iter
     prob = bilevel.make_problem(train, u, counts, val, val2, num_classes=num_classes,
                                 multiple=jax.device_count())
     prob = jax.device_put(prob, bilevel.problem_shardings(mesh))
-    s = bilevel.Settings(num_classes=num_classes, lam=lam, temperature=tau, l2=l2,
+    s = bilevel.Settings(num_classes=num_classes, kd_weight=lam, temperature=tau, l2=l2,
                          inner_max_iters=fit_iters, inner_tol=0.0, cg_max_iters=cg_iters,
                          cg_tol=0.0, warm_start=False)  # preconditioner="auto": Kronecker
     tx = optax.adam(0.05)

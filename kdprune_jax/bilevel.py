@@ -86,7 +86,7 @@ class Settings:
     """Static hyperparameters (hashable: part of the jit cache key)."""
 
     num_classes: int
-    lam: float = 0.9  # KD weight of the KD-aligned loss
+    kd_weight: float = 0.9  # KD weight of the KD-aligned loss (ifbeta.kd_weight)
     temperature: float = 4.0
     l2: float = 1e-4  # mu
     inner_max_iters: int = 200
@@ -104,14 +104,14 @@ class Settings:
     mlp_hidden: int = 128
     seed: int = 0  # mlp head initialization
     # The outer (validation) objective: "kd" = the KD-aligned loss of the inner problem
-    # (weight lam), "ce" = cross-entropy on the validation labels (weight 0): the head fits
+    # (weight kd_weight), "ce" = cross-entropy on the validation labels (weight 0): the head fits
     # the teacher from almost any subset, so a KD-aligned target can barely tell subsets
     # apart (METHOD.md §5.8); the labels can.
     outer_loss: str = "kd"
 
     @property
-    def outer_lam(self) -> float:
-        return self.lam if self.outer_loss == "kd" else 0.0
+    def outer_kd_weight(self) -> float:
+        return self.kd_weight if self.outer_loss == "kd" else 0.0
 
     @property
     def kronecker(self) -> bool:
@@ -153,7 +153,7 @@ _pi = keep_probabilities
 
 
 def _inner_objective(theta, pi, train, s: Settings):
-    return head_lib.head_objective(theta, {**train, "weight": pi}, lam=s.lam,
+    return head_lib.head_objective(theta, {**train, "weight": pi}, lam=s.kd_weight,
                                    temperature=s.temperature, l2=s.l2)
 
 
@@ -161,7 +161,7 @@ def outer_loss(theta, batch, s: Settings):
     """Mean loss of the head on a held-out split (no regularizer): the KD-aligned loss, or
     plain cross-entropy with ``s.outer_loss == "ce"``; rows with batch["weight"] == 0
     (padding) do not count."""
-    per = head_lib.head_losses(theta, batch, lam=s.outer_lam, temperature=s.temperature)
+    per = head_lib.head_losses(theta, batch, lam=s.outer_kd_weight, temperature=s.temperature)
     w = batch.get("weight")
     return jnp.mean(per) if w is None else jnp.sum(w * per) / jnp.sum(w)
 
@@ -179,9 +179,9 @@ def _fit_inner(batch, theta0, s: Settings):
     step's theta* when warm-started), where the objective's Hessian is close to I."""
     whitening = None
     if s.kronecker:
-        whitening = head_lib.kronecker_factors(theta0, batch, lam=s.lam,
+        whitening = head_lib.kronecker_factors(theta0, batch, lam=s.kd_weight,
                                                temperature=s.temperature, shift=s.l2)
-    return head_lib.fit_head(batch, theta0, lam=s.lam, temperature=s.temperature, l2=s.l2,
+    return head_lib.fit_head(batch, theta0, lam=s.kd_weight, temperature=s.temperature, l2=s.l2,
                              max_iters=s.inner_max_iters, tol=s.inner_tol,
                              whitening=whitening)
 
@@ -197,7 +197,7 @@ def hypergradient(phi, theta, prob: Problem, s: Settings, v0=None):
         # Factors at this step's (theta*, pi): [D+1, D+1] and [C, C] sums over the sharded
         # pool rows (cheaper than one HVP), then two small eigendecompositions.
         factors = head_lib.kronecker_factors(
-            theta, {**prob.train, "weight": pi}, lam=s.lam, temperature=s.temperature,
+            theta, {**prob.train, "weight": pi}, lam=s.kd_weight, temperature=s.temperature,
             shift=s.l2 + s.damping)
         precond = functools.partial(head_lib.kronecker_inverse, factors)
         fallback = factors["fallback"]

@@ -7,7 +7,7 @@ r"""Which IF-Beta choices make the learned policy carry signal on real data.
 One teacher (a kdprune_jax ``teacher/`` directory; its latest step), the study's base run
 config (data, validation split, IF-Beta defaults), one teacher-feature pass shared by every
 variant; per variant, the influence ranks and the policy are learned exactly as the pipeline
-does (`ifbeta_stage.build_problem`, `learn_policy`), and the table reports the learned
+does (`stages.ifbeta.build_problem`, `learn_policy`), and the table reports the learned
 (a, b), whether it left Beta(1, 1), and the V1 / V2 objectives at Beta(1, 1) and at the
 learned policy. Everything is measured on the validation split (V1 drives the policy, V2
 stops it early); the test split is never read. Each variant's objective is its own (a "ce"
@@ -55,9 +55,9 @@ def _moved(a: float, b: float) -> bool:
 
 def run(study_config: str, teacher_dir: str, workdir: str, keep_fraction: float = 0.5,
         variants=VARIANTS, log=print) -> list[dict]:
-    from kdprune_jax import bilevel, ifbeta_stage, pipeline, score_stage, sharding, study
+    from kdprune_jax import bilevel, context, study
     from kdprune_jax.selection import policy
-    from kdprune_jax.train.metrics import MetricsWriter
+    from kdprune_jax.stages import features, ifbeta, teacher
 
     s_cfg = study.load_study(study_config)
     base = study.base_config(s_cfg)
@@ -66,20 +66,19 @@ def run(study_config: str, teacher_dir: str, workdir: str, keep_fraction: float 
                                           "prune.keep_fraction": keep_fraction,
                                           "teacher.init": os.path.abspath(teacher_dir)})
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh()
-    ds = pipeline.load_data(config)
-    teacher = score_stage.Model(*pipeline.import_teacher(config, ds.train.num_classes, mesh))
-    feats, logits = ifbeta_stage.teacher_features(config, ds, mesh, workdir, teacher, log)
-    writer = MetricsWriter(workdir)
+    run = context.Run.create(config, workdir, log=log)
+    sp = run.splits
+    model = teacher.import_teacher(config, sp.num_classes, run.mesh)
+    feats = features.compute(run, model)
     rows = []
     for name, fields in variants:
         c = study.apply_overrides(config, dict(fields))
         t0 = time.perf_counter()
-        prob, _, _ = ifbeta_stage.build_problem(c, ds, feats, logits, log)
-        s = ifbeta_stage.settings(c, ds.train.num_classes)
-        phi, history, _ = ifbeta_stage.learn_policy(c, prob, s, mesh, writer, log)
+        prob, _, _ = ifbeta.build_problem(c, sp, feats.features, feats.logits, log)
+        s = ifbeta.settings(c, sp.num_classes)
+        phi, history, _ = ifbeta.learn_policy(c, prob, s, run.mesh, run.writer, log)
         a, b = (float(x) for x in policy.beta_params(phi))
-        init = ifbeta_stage._phi(c.policy.init_a, c.policy.init_b)
+        init = ifbeta.initial_phi(c.policy.init_a, c.policy.init_b)
         on_v2 = dataclasses.replace(prob, val=prob.val2)
         v1 = [float(bilevel.objective_at(p, prob, s)) for p in (init, phi)]
         v2 = [float(bilevel.objective_at(p, on_v2, s)) for p in (init, phi)]

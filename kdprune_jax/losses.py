@@ -37,30 +37,33 @@ def kd_loss(
     teacher_logits: jax.Array | None,
     labels: jax.Array,
     *,
-    alpha,
+    kd_weight,
     temperature,
 ) -> jax.Array:
     """METHOD.md §2, per example:
 
-        (1 - alpha) * CE(y, softmax(s)) + alpha * tau^2 * KL(softmax(t/tau) || softmax(s/tau))
+        (1 - w) * CE(y, softmax(s)) + w * tau^2 * KL(softmax(t/tau) || softmax(s/tau)),
+
+    with w = `kd_weight`.
 
     The teacher logits are wrapped in ``stop_gradient`` here so that no caller can
     accidentally backpropagate into the teacher. ``teacher_logits=None`` requires
-    ``alpha == 0`` (plain CE; the "no KD" baseline) and skips the KL term entirely.
+    ``kd_weight == 0`` (plain CE; the "no KD" baseline) and skips the KL term entirely.
 
     Args:
       student_logits: [B, C].
       teacher_logits: [B, C] or None.
       labels: int [B].
-      alpha: weight of the KD term in [0, 1] (python float or scalar array).
+      kd_weight: weight w of the KD term in [0, 1] (python float or scalar array): the
+        config's ``kd.alpha`` (and ``ifbeta.kd_weight`` inside IF-Beta's proxy objective).
       temperature: tau > 0.
     Returns:
       [B], float32 (float64 for float64 inputs).
     """
     ce = cross_entropy(student_logits, labels)
     if teacher_logits is None:
-        if not isinstance(alpha, jax.Array) and alpha != 0:
-            raise ValueError("kd_loss: teacher_logits=None requires alpha == 0")
+        if not isinstance(kd_weight, jax.Array) and kd_weight != 0:
+            raise ValueError("kd_loss: teacher_logits=None requires kd_weight == 0")
         return ce
     kl = kl_divergence(jax.lax.stop_gradient(teacher_logits), student_logits, temperature)
-    return (1.0 - alpha) * ce + alpha * (temperature**2) * kl
+    return (1.0 - kd_weight) * ce + kd_weight * (temperature**2) * kl

@@ -15,7 +15,7 @@ are one cell (Table 1's KD column is Table 2's alpha 0.9 column).
 Work units, each in its own directory under the root and each claimed by that directory's
 workdir lock (`workdir_lock`, the same lock `pipeline.run` takes) while it runs:
 
-    teachers/<t>/            the teacher, trained once on the pool (pipeline.teacher_stage)
+    teachers/<t>/            the teacher, trained once on the pool (stages.teacher)
     scores/<t>/<method>-s<k> one score file per (teacher, method, seed): proxies + scoring
     features/<t>/            one teacher-feature pass per teacher, for IF-Beta cells
                              (cells whose data or score fields differ, e.g. label noise or
@@ -317,28 +317,19 @@ def _git_commit() -> str:
 
 def _run_unit(u: Unit) -> None:
     """Compute one unit with the pipeline's own stages (same code path as main)."""
-    from kdprune_jax import ifbeta_stage, pipeline, score_stage, sharding
-    from kdprune_jax.train.metrics import MetricsWriter
+    from kdprune_jax import config_checks, context, pipeline
+    from kdprune_jax.stages import features, teacher
 
     if u.kind == "cell":
         pipeline.run(u.config, u.workdir)
         return
-    config = u.config
-    from kdprune_jax import config_checks
-
-    config_checks.validate(config)
-    ds = pipeline.load_data(config)
-    mesh = sharding.make_mesh()
-    writer = MetricsWriter(u.workdir)
-    if u.kind == "teacher":
-        pipeline.teacher_stage(config, ds, mesh, u.workdir, writer)
-        return
-    teacher, fp, _ = pipeline.teacher_stage(config, ds, mesh, u.workdir, writer)
-    model = score_stage.Model(*teacher, fp)
+    config_checks.validate(u.config)
+    run = context.Run.create(u.config, u.workdir, log=_log)
+    model, _ = teacher.compute(run)
     if u.kind == "scores":
-        score_stage.compute_scores(config, ds, mesh, u.workdir, writer, _log, model)
+        pipeline.compute_scores(run, model)
     elif u.kind == "features":
-        ifbeta_stage.teacher_features(config, ds, mesh, u.workdir, model, _log)
+        features.compute(run, model)
 
 
 def _record_claim(root: str, unit: Unit, worker: str) -> None:

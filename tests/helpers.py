@@ -18,3 +18,11 @@ def cifar_archive() -> str:
         pytest.fail(f"offline CIFAR-10 archive not found at {path}; set "
                     "KDPRUNE_CIFAR10_ARCHIVE to its path (see ../shared/data/cifar10/README.md)")
     return os.path.abspath(path)
+
+
+def quiet_run(config, workdir: str, *, mesh=None, splits=None, log=None):
+    """A `context.Run` for calling one stage directly (no log lines unless `log`)."""
+    from kdprune_jax import context
+
+    return context.Run.create(config, workdir, mesh=mesh, splits=splits,
+                              log=log or (lambda *_: None))

@@ -31,8 +31,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kdprune_jax import artifacts, ifbeta_stage, pipeline, score_stage
+from kdprune_jax import artifacts, context, pipeline
 from kdprune_jax.errors import ArtifactError, ConfigError, UserError
+from kdprune_jax.stages import features, scores
 from kdprune_jax.train.checkpoint import state_checksums
 from kdprune_jax.train.state import TrainState
 from tests.test_pipeline import load_config, override, snapshot
@@ -157,7 +158,7 @@ WHAT = {"scores/el2n.npz": ("[scores]", "recomputing"), "subset.json": ("[select
 
 
 def _val_index(subset_json):
-    ds = pipeline.load_data(override(load_config("quickstart.py", "smoke"), **EL2N))
+    ds = context.load_splits(override(load_config("quickstart.py", "smoke"), **EL2N))
     return int(ds.val[0])
 
 
@@ -195,7 +196,7 @@ def test_corrupt_files_are_named_and_rebuilt(el2n_ref, tmp_path, capsys, kind):
         line = _one_line(out, stage, f"{rel} is unreadable (")
         assert line.rstrip().endswith(action), line
     # Rebuilt exactly as the clean run built them (so nothing damaged was used) ...
-    s_ref, s_new = (score_stage.read_scores(os.path.join(d, "scores/el2n.npz")) for d in
+    s_ref, s_new = (scores.read_scores(os.path.join(d, "scores/el2n.npz")) for d in
                     (ref, wd))
     np.testing.assert_array_equal(s_new[0], s_ref[0])
     assert s_new[1]["fingerprint"] == s_ref[1]["fingerprint"]
@@ -437,7 +438,7 @@ def _changes(wd, before, after):
 
 def _arrays_npz(tmp_path):
     """The digits as an `arrays` .npz, one training pixel changed."""
-    ds = pipeline.load_data(load_config("quickstart.py", "smoke"))
+    ds = context.load_splits(load_config("quickstart.py", "smoke"))
     train = ds.train.source.images.copy()
     train[0, 0, 0, 0] ^= 0xFF
     path = str(tmp_path / "digits.npz")
@@ -493,9 +494,9 @@ def test_data_fingerprint_follows_content_not_path(tmp_path):
     arrays["train_images"][5, 3, 3, 0] ^= 1
     np.savez(tmp_path / "other" / "digits.npz", **arrays)
     base = override(load_config("quickstart.py", "smoke"), data__source="arrays")
-    fp = {name: pipeline.load_data(override(base, data__path=str(p))).fingerprint
+    fp = {name: context.load_splits(override(base, data__path=str(p))).fingerprint
           for name, p in (("a", a), ("copy", tmp_path / "copy" / "digits.npz"),
                           ("other", tmp_path / "other" / "digits.npz"))}
     assert fp["a"] == fp["copy"] != fp["other"]
     assert artifacts.fingerprint({"x": 1}) == artifacts.fingerprint({"x": 1})
-    assert ifbeta_stage.read_features(str(tmp_path / "nowhere")) == (None, None)
+    assert features.read_features(str(tmp_path / "nowhere")) == (None, None)

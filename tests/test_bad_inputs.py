@@ -22,9 +22,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from kdprune_jax import config_checks, pipeline
+from kdprune_jax import config_checks, context, pipeline
 from kdprune_jax.errors import ArtifactError, ConfigError, DataError, UserError
 from kdprune_jax.scoring import SolverError
+from kdprune_jax.stages import training
 from kdprune_jax.train import NonFiniteLossError
 from tests.multiprocess import cli_env
 from tests.test_pipeline import ROOT, load_config, override, snapshot
@@ -348,8 +349,7 @@ def test_bad_input_stops_before_any_training(done, files, compiles, monkeypatch,
     def no_training(*a, **kw):
         raise AssertionError("training started for a bad input")
 
-    monkeypatch.setattr(pipeline, "train_model", no_training)
-    monkeypatch.setattr(pipeline.score_stage, "train_model", no_training)
+    monkeypatch.setattr(training, "train_model", no_training)
     before = snapshot(workdir)
     with pytest.raises(UserError) as e:
         pipeline.run(override(config, **fields), target)
@@ -370,10 +370,10 @@ def test_val_fraction_suggestion_is_accepted():
     for bad in (0.99, 0.997):
         with pytest.raises(ConfigError) as e:
             c = override(config, data__val_fraction=bad)
-            pipeline._class_keep_counts(c, pipeline.load_data(c))
+            pipeline._class_keep_counts(c, context.load_splits(c))
         suggested = float(re.search(r"data\.val_fraction <= ([0-9.]+)$", str(e.value))[1])
         c = override(config, data__val_fraction=suggested)
-        counts = pipeline._class_keep_counts(c, pipeline.load_data(c))
+        counts = pipeline._class_keep_counts(c, context.load_splits(c))
         assert counts.min() >= 1, (bad, suggested, counts)
 
 

@@ -43,7 +43,7 @@ def _problem(n=240, d=5, c=3, seed=0, dtype=jnp.float32, keep=0.4, feature_scale
 def test_implicit_hypergradient_matches_finite_differences():
     with jax.enable_x64(True):
         prob = _problem(dtype=jnp.float64)
-        s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2,
+        s = bilevel.Settings(num_classes=3, kd_weight=0.5, temperature=2.0, l2=1e-2,
                              inner_max_iters=1000, inner_tol=1e-10, cg_max_iters=200,
                              cg_tol=1e-12)
         for phi in (jnp.array([0.3, -0.2]), jnp.array([1.5, 0.4])):
@@ -92,7 +92,7 @@ def test_beta_1_1_draw_is_random_class_balanced_selection():
 
 def _run_steps(mesh, n=4, problem=None, l2=1e-2, lam=0.5, temperature=2.0, **settings):
     prob = _problem(n=237) if problem is None else problem  # padded rows, sharded 8 ways
-    s = bilevel.Settings(num_classes=3, lam=lam, temperature=temperature, l2=l2, **settings)
+    s = bilevel.Settings(num_classes=3, kd_weight=lam, temperature=temperature, l2=l2, **settings)
     tx = optax.adam(0.05)
     theta0 = head_lib.init_head(prob.train["features"].shape[1], 3,
                                 prob.train["features"].dtype)
@@ -214,7 +214,7 @@ def test_kronecker_preconditioning_changes_iterations_not_the_policy():
 @pytest.mark.slow
 def test_reinforce_and_grid_agree_with_implicit_direction():
     prob = _problem()
-    s = bilevel.Settings(num_classes=3, lam=0.5, temperature=2.0, l2=1e-2)
+    s = bilevel.Settings(num_classes=3, kd_weight=0.5, temperature=2.0, l2=1e-2)
     phis, objs = bilevel.grid_objectives(prob, s, [0.5, 1.0, 3.0])
     assert phis.shape == (9, 2) and np.all(np.isfinite(objs))
     g = bilevel.reinforce_grad(jnp.zeros(2), prob, s, jax.random.key(0), num_samples=8)

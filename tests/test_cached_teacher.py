@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdprune_jax import data, pipeline, sharding
+from kdprune_jax import context, data, pipeline, sharding
+from kdprune_jax.stages import teacher as teacher_stage
 from kdprune_jax.train import TrainState, make_kd_train_step, make_optimizer
 from tests.test_pipeline import load_config, override, snapshot
 from tests.test_train import OPT, _batch, _models
@@ -74,7 +75,7 @@ def test_cached_step_equals_live_step_on_the_same_view():
         state = sharding.replicate(TrainState.create(*jax.tree.map(jnp.array, (p0, b0)), tx),
                                    mesh)
         step = make_kd_train_step(g, tx, mesh, teacher_graphdef=None if cached else tg,
-                                  alpha=0.7, temperature=3.0, cached_teacher=cached)
+                                  kd_weight=0.7, temperature=3.0, cached_teacher=cached)
         tv = None if cached else sharding.replicate((tp, tb), mesh)
         bt = {**batch, "teacher_logits": t_logits} if cached else batch
         state, m = step(state, tv, sharding.to_global(bt, mesh))
@@ -98,16 +99,16 @@ def test_pipeline_caches_teacher_views_reuses_and_rebuilds(tmp_path):
     assert meta["num_views"] == 2 and logits.shape == (2 * n, 10) and logits.dtype == np.float16
     assert "teacher_views_seconds" in r["timings"]
     # The cached rows are the teacher's logits on exactly those views.
-    teacher = pipeline.import_teacher(override(config, teacher__init=os.path.join(wd, "teacher")),
-                                      10, sharding.make_mesh())
-    ds = pipeline.load_data(config)
+    model = teacher_stage.import_teacher(
+        override(config, teacher__init=os.path.join(wd, "teacher")), 10, sharding.make_mesh())
+    ds = context.load_splits(config)
     kept = np.sort(json.load(open(os.path.join(wd, "subset.json")))["indices"])
     train_fn, _ = data.make_transforms(config.data.augment, config.data.image_size,
                                        config.data.mean, config.data.std)
     for row, view in ((0, 0), (0, 1), (n - 1, 1)):
         i = kept[row]
         img = train_fn(ds.train.source[int(i)]["image"], data.view_rng(meta["seed"], i, view))
-        want = nnx.merge(*teacher[:3])(jnp.asarray(img)[None], train=False)[0]
+        want = nnx.merge(*model.parts)(jnp.asarray(img)[None], train=False)[0]
         np.testing.assert_allclose(logits[row * 2 + view], want, rtol=2e-3, atol=2e-2)
     # A second run reuses the cache and everything else.
     before = snapshot(wd)

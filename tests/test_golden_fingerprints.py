@@ -23,7 +23,8 @@ import os
 import numpy as np
 import pytest
 
-from kdprune_jax import pipeline
+from kdprune_jax import context, pipeline
+from kdprune_jax.stages import student, training
 from tests.test_pipeline import ROOT, load_config, override
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_fingerprints.json")
@@ -66,18 +67,19 @@ def _disk_fingerprints(workdir: str) -> dict:
 
 def _config_keys() -> dict:
     """Config-only keys of every shipped config (stand-ins for data and upstream keys)."""
-    fake = pipeline.Data(train=None, test=None, train_labels=None, pool=None, val=None,
-                         flipped=None, fingerprint="DATA", test_fingerprint="TEST")
+    fake = context.Splits(train=None, test=None, train_labels=None, pool=None, val=None,
+                          flipped=None, fingerprint="DATA", test_fingerprint="TEST")
     out = {}
     for name, args in CONFIG_ARGS.items():
         for arg in args:
             c = load_config(name, arg)
-            teacher = pipeline._role_fingerprint(c, "teacher", data="DATA")
-            student = pipeline._role_fingerprint(
+            run = context.Run(c, "", None, fake, None)
+            teacher = training.role_key(c, "teacher", data="DATA")
+            student_key = training.role_key(
                 c, "student", data="DATA", subset="SUBSET", teacher=teacher,
-                kd=pipeline._kd_fingerprint(c))
-            out[f"{name}:{arg}"] = {"teacher": teacher, "student": student,
-                                    "eval": pipeline._eval_fingerprint(c, fake, student)}
+                kd=student.kd_key(c))
+            out[f"{name}:{arg}"] = {"teacher": teacher, "student": student_key,
+                                    "eval": training.eval_key(run, student_key)}
     return out
 
 

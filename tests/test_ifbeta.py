@@ -2,6 +2,7 @@
 pipeline (features -> policy -> draw -> student) with reuse and diagnostics, ImageNet smoke
 on tfds mock data, and bad input."""
 
+import dataclasses
 import json
 import os
 
@@ -9,11 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from kdprune_jax import bilevel, ifbeta_stage, pipeline, score_stage, sharding
+from kdprune_jax import bilevel, context, pipeline, sharding
 from kdprune_jax.errors import ArtifactError
 from kdprune_jax.scoring import SolverError
 from kdprune_jax.selection import policy
+from kdprune_jax.stages import features, ifbeta, teacher
 from kdprune_jax.train.metrics import MetricsWriter
+from tests.helpers import quiet_run
 from tests.test_pipeline import load_config, override
 
 
@@ -25,22 +28,20 @@ def test_planted_label_noise_policy_beats_random(tmp_path):
     wd = str(tmp_path)
     base = override(load_config("quickstart.py"), kd__alpha=0.0, prune__method="ifbeta",
                     ifbeta__kd_weight=0.5, policy__max_steps=40)
-    clean = pipeline.load_data(base)
     mesh = sharding.make_mesh()
-    fp = pipeline._role_fingerprint(base, "teacher", data=clean.fingerprint)
-    res = pipeline._train_role("teacher", base, clean, clean.pool, mesh, wd,
-                               MetricsWriter(wd), fp)
-    teacher = score_stage.Model(res.graphdef, res.params, res.batch_stats, fp)
+    clean_run = quiet_run(base, wd, mesh=mesh, log=print)
+    clean = clean_run.splits
+    teacher_model, _ = teacher.compute(clean_run)  # trained on the clean pool
 
     noisy_cfg = override(base, data__label_noise=0.3)
-    ds = pipeline.load_data(noisy_cfg)
+    noisy_run = quiet_run(noisy_cfg, wd, mesh=mesh, log=print)
+    ds = noisy_run.splits
     np.testing.assert_array_equal(ds.train_labels[ds.val], clean.train_labels[clean.val])
-    feats, logits = ifbeta_stage.teacher_features(noisy_cfg, ds, mesh, wd, teacher, print)
-    prob, _, _ = ifbeta_stage.build_problem(noisy_cfg, ds, feats, logits, print)
-    s = ifbeta_stage.settings(noisy_cfg, 10)
-    phi, hist, _ = ifbeta_stage.learn_policy(noisy_cfg, prob, s, mesh, MetricsWriter(wd),
-                                             print)
-    at_init = float(bilevel.objective_at(ifbeta_stage._phi(1.0, 1.0), prob, s))
+    feats = features.compute(noisy_run, teacher_model)
+    prob, _, _ = ifbeta.build_problem(noisy_cfg, ds, feats.features, feats.logits, print)
+    s = ifbeta.settings(noisy_cfg, 10)
+    phi, hist, _ = ifbeta.learn_policy(noisy_cfg, prob, s, mesh, MetricsWriter(wd), print)
+    at_init = float(bilevel.objective_at(ifbeta.initial_phi(1.0, 1.0), prob, s))
     learned = float(bilevel.objective_at(phi, prob, s))
     a, b = (float(x) for x in policy.beta_params(phi))
     print(f"planted: (a, b) = ({a:.3f}, {b:.3f}); outer {at_init:.5f} -> {learned:.5f}")
@@ -106,16 +107,15 @@ def test_policy_cg_budget_exhausted_is_reported(ifbeta_run, tmp_path):
 
 def test_bfloat16_features_round_trip(ifbeta_run, tmp_path):
     config, workdir, _ = ifbeta_run
-    ds = pipeline.load_data(config)
+    ds = context.load_splits(config)
     mesh = sharding.make_mesh()
-    t = pipeline.import_teacher(override(config, teacher__init=os.path.join(workdir, "teacher")),
-                                10, mesh)
-    teacher = score_stage.Model(*t)
-    f32, l32 = ifbeta_stage.teacher_features(config, ds, mesh, str(tmp_path / "a"), teacher,
-                                             lambda *_: None)
+    model = teacher.import_teacher(
+        override(config, teacher__init=os.path.join(workdir, "teacher")), 10, mesh)
+    f32, l32 = dataclasses.astuple(features.compute(
+        quiet_run(config, str(tmp_path / "a"), mesh=mesh, splits=ds), model))[:2]
     bf = override(config, ifbeta__feature_dtype="bfloat16")
-    f16, l16 = ifbeta_stage.teacher_features(bf, ds, mesh, str(tmp_path / "b"), teacher,
-                                             lambda *_: None)
+    f16, l16 = dataclasses.astuple(features.compute(
+        quiet_run(bf, str(tmp_path / "b"), mesh=mesh, splits=ds), model))[:2]
     np.testing.assert_allclose(f16, f32, rtol=1e-2, atol=1e-2)
     np.testing.assert_array_equal(l16, l32)  # logits are always stored in float32
     size = os.path.getsize(str(tmp_path / "b" / "features" / "features.npy"))

@@ -5,7 +5,8 @@ Beta(1, 1) and at the learned policy; the outer-loss knob changes the objective.
 import math
 import os
 
-from kdprune_jax import ifbeta_stage, ifbeta_variants
+from kdprune_jax import ifbeta_variants
+from kdprune_jax.stages import ifbeta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +38,6 @@ def test_outer_loss_default_leaves_the_policy_key_unchanged():
     from tests.test_pipeline import load_config, override
 
     c = load_config("quickstart.py", "smoke")
-    assert "outer_loss" not in ifbeta_stage._policy_key(c.policy)
+    assert "outer_loss" not in ifbeta.policy_key(c.policy)
     ce = override(c, policy__outer_loss="ce")
-    assert ifbeta_stage._policy_key(ce.policy)["outer_loss"] == "ce"
+    assert ifbeta.policy_key(ce.policy)["outer_loss"] == "ce"

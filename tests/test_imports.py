@@ -1,4 +1,5 @@
-"""The package's imports form no cycle (function-level imports included), and the method
+"""The package's imports form no cycle (function-level imports included), they point one
+way (leaves <- inference / context <- stages <- pipeline <- main / study), and the method
 table and the config checks never import the stages that read them."""
 
 import ast
@@ -49,12 +50,43 @@ def test_no_import_cycle():
     assert not cycles, cycles
 
 
+STAGE_INFRA = {"kdprune_jax.stages", "kdprune_jax.stages.cache", "kdprune_jax.stages.training"}
+ABOVE_STAGES = {"kdprune_jax.pipeline", "kdprune_jax.main", "kdprune_jax.study",
+                "kdprune_jax.ifbeta_variants"}
+
+
+def _stages(graph) -> set[str]:
+    return {m for m in graph if m.startswith("kdprune_jax.stages.")} - STAGE_INFRA
+
+
 def test_the_method_table_and_the_checks_import_no_stage():
     graph = _graph()
-    stages = {"kdprune_jax.score_stage", "kdprune_jax.ifbeta_stage", "kdprune_jax.pipeline",
-              "kdprune_jax.teacher_cache", "kdprune_jax.study"}
+    above = _stages(graph) | STAGE_INFRA | ABOVE_STAGES
     for name in ("kdprune_jax.methods", "kdprune_jax.config_checks"):
-        assert not graph[name] & stages, (name, graph[name] & stages)
+        assert not graph[name] & above, (name, graph[name] & above)
+
+
+def test_imports_point_one_way():
+    """leaves <- inference / context <- stages <- pipeline <- main / study: no stage imports
+    another stage (only the shared cache protocol and training helpers), nothing below the
+    stages imports a stage or the orchestration, and the stages import nothing above them."""
+    graph = _graph()
+    stages = _stages(graph)
+    assert {"kdprune_jax.stages.teacher", "kdprune_jax.stages.proxies",
+            "kdprune_jax.stages.scores", "kdprune_jax.stages.influence",
+            "kdprune_jax.stages.select", "kdprune_jax.stages.ifbeta",
+            "kdprune_jax.stages.features", "kdprune_jax.stages.teacher_views",
+            "kdprune_jax.stages.student", "kdprune_jax.stages.evaluate"} <= stages, stages
+    for name in stages:
+        assert not graph[name] & (stages | ABOVE_STAGES), (name, graph[name] & stages)
+    for name in STAGE_INFRA:
+        assert not graph[name] & (stages | ABOVE_STAGES), (name, graph[name])
+    below = set(graph) - stages - STAGE_INFRA - ABOVE_STAGES
+    for name in below:
+        assert not graph[name] & (stages | STAGE_INFRA | ABOVE_STAGES), (name, graph[name])
+    # The orchestration reaches the stages; main only the orchestration.
+    assert stages <= graph["kdprune_jax.pipeline"] | {"kdprune_jax.stages.cache"}
+    assert "kdprune_jax.pipeline" in graph["kdprune_jax.main"]
 
 
 def test_the_readme_method_table_is_the_method_table():

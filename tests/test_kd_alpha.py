@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from kdprune_jax import config_checks, kd_alpha, pipeline
+from kdprune_jax import config_checks, kd_alpha
 from kdprune_jax.errors import ConfigError, DataError, UserError
+from kdprune_jax.stages import student
 from tests.test_pipeline import load_config, override
 
 SWEEP = [  # validation accuracies of a small sweep; test accuracies never enter
@@ -46,16 +47,16 @@ def test_auto_resolves_to_the_fitted_weight_and_keys_the_rule_not_its_path(tmp_p
     assert resolved.kd.alpha == pytest.approx(0.7)
     assert auto.kd.alpha == "auto"  # the caller's config is not changed
     config_checks.validate(auto)
-    kd = pipeline._kd_fingerprint(resolved)
+    kd = student.kd_key(resolved)
     assert kd["alpha"] == pytest.approx(0.7) and len(kd["alpha_rule_sha256"]) == 64
     assert "alpha_rule" not in kd
     # The same rule at another path: the same key. A number: the key it always had.
     other = tmp_path / "elsewhere.json"
     other.write_text(open(path).read())
     moved = kd_alpha.resolve(override(auto, kd__alpha_rule=str(other)))
-    assert pipeline._kd_fingerprint(moved) == kd
+    assert student.kd_key(moved) == kd
     plain = override(base, kd__alpha=0.9)
-    assert pipeline._kd_fingerprint(plain) == {"alpha": 0.9, "temperature": 4.0}
+    assert student.kd_key(plain) == {"alpha": 0.9, "temperature": 4.0}
     assert kd_alpha.resolve(plain) is plain
 
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdprune_jax import config_checks, pipeline, score_stage, scoring, sharding
+from kdprune_jax import config_checks, pipeline, scoring, sharding
 from kdprune_jax.errors import ConfigError
-from kdprune_jax.train.metrics import MetricsWriter
+from kdprune_jax.stages import influence
+from kdprune_jax.stages import scores as scores_stage
 from tests import test_score_stage
+from tests.helpers import quiet_run
 from tests.test_pipeline import override
 
 env = test_score_stage.env  # its module fixture: the digits teacher, trained once here
@@ -27,8 +29,8 @@ def _stage(env, workdir, **fields):
     config, _, ds, teacher = env
     c = override(config, **fields)
     lines = []
-    scores, meta = score_stage.compute_scores(c, ds, sharding.make_mesh(), workdir,
-                                              MetricsWriter(workdir), lines.append, teacher)
+    scores, meta = pipeline.compute_scores(quiet_run(c, workdir, splits=ds, log=lines.append),
+                                           teacher)
     return scores, meta, lines, c
 
 
@@ -39,8 +41,8 @@ def _library(env, c, method):
     mesh = sharding.make_mesh()
     i = c.influence
     hess_idx = np.random.default_rng(c.seed).permutation(ds.pool)[:i.hessian_examples]
-    rows = lambda idx: score_stage._load_rows(ds, c, idx, mesh)  # noqa: E731
-    logits_fn = jax.tree_util.Partial(score_stage._nnx_logits, t.graphdef, t.batch_stats)
+    rows = quiet_run(c, "", mesh=mesh, splits=ds).rows
+    logits_fn = jax.tree_util.Partial(influence._nnx_logits, t.graphdef, t.batch_stats)
     factors, _ = scoring.fit_factors(
         logits_fn, t.params, rows(hess_idx), layers=scoring.find_layers(
             nnx.merge(t.graphdef, t.params, t.batch_stats)),
@@ -107,7 +109,7 @@ def test_pipeline_run_with_ekfac_end_to_end(env, tmp_path):
     r = pipeline.run(c, str(tmp_path / "run"))
     assert r["subset"]["method"] == "influence"
     assert r["pruning_cost"]["scoring_seconds"] > 0
-    meta = score_stage.read_scores(str(tmp_path / "run" / "scores" / "influence.npz"))[1]
+    meta = scores_stage.read_scores(str(tmp_path / "run" / "scores" / "influence.npz"))[1]
     assert meta["kfac"]["fit_seconds"] > 0
     # Default K-FAC fields stay out of the score key: existing score files stay valid.
     assert "kfac_fisher" not in meta["params"]["influence"]

@@ -32,7 +32,7 @@ def _hand(alpha, tau):
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 def test_kd_loss_matches_hand_computation(alpha, tau):
-    got = losses.kd_loss(jnp.array([S]), jnp.array([T]), jnp.array([Y]), alpha=alpha,
+    got = losses.kd_loss(jnp.array([S]), jnp.array([T]), jnp.array([Y]), kd_weight=alpha,
                          temperature=tau)
     assert got.shape == (1,)
     np.testing.assert_allclose(float(got[0]), _hand(alpha, tau), rtol=1e-5)
@@ -42,10 +42,10 @@ def test_known_constants():
     # alpha = 0: CE of logits (2, .5, -1) for class 0 = log(e^2 + e^.5 + e^-1) - 2.
     ce = math.log(math.exp(2) + math.exp(0.5) + math.exp(-1)) - 2
     assert abs(ce - 0.2413) < 1e-4
-    got = losses.kd_loss(jnp.array([S]), None, jnp.array([Y]), alpha=0.0, temperature=4.0)
+    got = losses.kd_loss(jnp.array([S]), None, jnp.array([Y]), kd_weight=0.0, temperature=4.0)
     np.testing.assert_allclose(float(got[0]), ce, rtol=1e-6)
     # Identical student and teacher logits: the KL term is exactly zero.
-    same = losses.kd_loss(jnp.array([S]), jnp.array([S]), jnp.array([Y]), alpha=1.0,
+    same = losses.kd_loss(jnp.array([S]), jnp.array([S]), jnp.array([Y]), kd_weight=1.0,
                           temperature=4.0)
     assert abs(float(same[0])) < 1e-6
 
@@ -54,10 +54,10 @@ def test_teacher_gets_no_gradient_and_is_per_example():
     s = jnp.array([S, T])
     t = jnp.array([T, S])
     y = jnp.array([0, 2])
-    g_t = jax.grad(lambda t: losses.kd_loss(s, t, y, alpha=0.5, temperature=2.0).sum())(t)
+    g_t = jax.grad(lambda t: losses.kd_loss(s, t, y, kd_weight=0.5, temperature=2.0).sum())(t)
     assert float(jnp.abs(g_t).max()) == 0.0
-    per = losses.kd_loss(s, t, y, alpha=0.5, temperature=2.0)
-    one = losses.kd_loss(s[1:], t[1:], y[1:], alpha=0.5, temperature=2.0)
+    per = losses.kd_loss(s, t, y, kd_weight=0.5, temperature=2.0)
+    one = losses.kd_loss(s[1:], t[1:], y[1:], kd_weight=0.5, temperature=2.0)
     np.testing.assert_allclose(per[1], one[0], rtol=1e-6)
 
 
@@ -67,11 +67,11 @@ def test_temperature_scaling_gradient_magnitude():
     # of tau.
     s = jnp.array([[0.3, -0.2, -0.1]])
     t = jnp.array([[-0.1, 0.4, -0.3]])
-    g = jax.grad(lambda s: losses.kd_loss(s, t, jnp.array([0]), alpha=1.0,
+    g = jax.grad(lambda s: losses.kd_loss(s, t, jnp.array([0]), kd_weight=1.0,
                                           temperature=100.0).sum())(s)
     np.testing.assert_allclose(np.asarray(g[0]), (np.asarray(s - t)[0]) / 3, atol=2e-3)
 
 
 def test_alpha_without_teacher_is_an_error():
     with pytest.raises(ValueError, match="alpha == 0"):
-        losses.kd_loss(jnp.array([S]), None, jnp.array([0]), alpha=0.5, temperature=1.0)
+        losses.kd_loss(jnp.array([S]), None, jnp.array([0]), kd_weight=0.5, temperature=1.0)

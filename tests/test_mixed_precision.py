@@ -47,7 +47,7 @@ def test_bf16_kd_step_tracks_float32_step_with_float32_state():
         state = sharding.replicate(TrainState.create(p_run, b_run, tx), mesh)
         step = make_kd_train_step(
             models.with_compute_dtype(g, p, b, dtype), tx, mesh,
-            teacher_graphdef=models.with_compute_dtype(tg, tp, tb, dtype), alpha=0.7,
+            teacher_graphdef=models.with_compute_dtype(tg, tp, tb, dtype), kd_weight=0.7,
             temperature=3.0)
         losses = []
         for i in range(4):

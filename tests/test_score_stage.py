@@ -10,14 +10,17 @@ import pytest
 
 from kdprune_jax import (
     config_checks,
+    context,
+    inference,
     methods,
     pipeline,
-    score_stage,
     selection,
     sharding,
 )
 from kdprune_jax.errors import ArtifactError, ConfigError
-from kdprune_jax.train.metrics import MetricsWriter
+from kdprune_jax.stages import select
+from kdprune_jax.stages import teacher as teacher_stage
+from tests.helpers import quiet_run
 from tests.test_pipeline import load_config, override
 
 SMALL = dict(proxy__num_models=2, proxy__num_epochs=1, score__batch_size=128)
@@ -28,17 +31,16 @@ def env(tmp_path_factory, quickstart_smoke_run):
     workdir = quickstart_smoke_run(str(tmp_path_factory.mktemp("scores")))
     config = override(load_config("quickstart.py", "smoke"), **SMALL)
     pipeline.run(config, workdir)  # trains and caches the teacher
-    ds = pipeline.load_data(config)
-    teacher = pipeline.import_teacher(override(config, teacher__init=os.path.join(
+    ds = context.load_splits(config)
+    teacher = teacher_stage.import_teacher(override(config, teacher__init=os.path.join(
         workdir, "teacher")), ds.train.num_classes, sharding.make_mesh())
-    return config, workdir, ds, score_stage.Model(*teacher)
+    return config, workdir, ds, teacher
 
 
 def _scores(env, mesh=None, **fields):
     config, workdir, ds, teacher = env
     c = override(config, **fields)
-    return score_stage.compute_scores(c, ds, mesh or sharding.make_mesh(), workdir,
-                                      MetricsWriter(workdir), lambda *_: None, teacher), c
+    return pipeline.compute_scores(quiet_run(c, workdir, mesh=mesh, splits=ds), teacher), c
 
 
 @pytest.mark.parametrize("method", methods.scored_names())
@@ -50,7 +52,7 @@ def test_every_method_scores_and_selects_exact_counts(env, method):
     assert meta["method"] == method and os.path.exists(
         os.path.join(workdir, "scores", f"{method}.npz"))
     assert np.std(scores[ds.pool]) > 0  # not a constant placeholder
-    sub = pipeline.select_subset(c, ds, workdir, scores, meta)
+    sub = select.compute(quiet_run(c, workdir, splits=ds), scores, meta)
     want = selection.class_keep_counts(ds.train_labels[ds.pool], c.prune.keep_fraction, 10)
     np.testing.assert_array_equal(sub.class_counts, want)
     assert sub.direction == methods.get(method).keep
@@ -98,8 +100,7 @@ def test_scores_on_8_devices_equal_1_device(env):
                 os.makedirs(wd, exist_ok=True)
                 if not os.path.exists(os.path.join(wd, "proxies")):
                     os.symlink(os.path.join(workdir, "proxies"), os.path.join(wd, "proxies"))
-            s, _ = score_stage.compute_scores(c, ds, mesh, wd, MetricsWriter(wd),
-                                              lambda *_: None, teacher)
+            s, _ = pipeline.compute_scores(quiet_run(c, wd, mesh=mesh, splits=ds), teacher)
             outs.append(s)
         np.testing.assert_allclose(outs[0], outs[1], rtol=2e-4, atol=1e-5,
                                    err_msg=str(fields))
@@ -110,13 +111,14 @@ def test_padding_never_scores_a_fake_example(env):
     mesh = sharding.make_mesh()
     idx = np.arange(5, 5 + 131)  # not a multiple of the 128-row batch: one padded batch
     c = override(config, score__batch_size=128)
-    out = score_stage.batch_pass(score_stage.forward_fn(teacher.graphdef),
-                                 (teacher.params, teacher.batch_stats), ds, c, idx, mesh)
+    run = quiet_run(c, workdir, mesh=mesh, splits=ds)
+    fn = inference.forward_fn(teacher.graphdef)
+    out = inference.batch_pass(fn, (teacher.params, teacher.batch_stats),
+                               run.eval_batches(idx), mesh, len(ds.train))
     scored = np.flatnonzero(np.all(np.isfinite(out), axis=1))
     np.testing.assert_array_equal(scored, idx)
-    full = score_stage.batch_pass(score_stage.forward_fn(teacher.graphdef),
-                                  (teacher.params, teacher.batch_stats), ds, c,
-                                  np.arange(len(ds.train)), mesh)
+    full = inference.batch_pass(fn, (teacher.params, teacher.batch_stats),
+                                run.eval_batches(np.arange(len(ds.train))), mesh, len(ds.train))
     np.testing.assert_allclose(out[idx], full[idx], rtol=1e-5, atol=1e-6)
 
 
@@ -200,7 +202,7 @@ def test_a_toy_method_is_one_table_entry_plus_its_score_function(env, tmp_path):
         r = pipeline.run(c, wd)
         assert r["subset"]["method"] == "toy_true_logit"
         scores = np.load(os.path.join(wd, "scores", "toy_true_logit.npz"))["scores"]
-        sub = pipeline.select_subset(c, ds, wd, scores, None)
+        sub = select.compute(quiet_run(c, wd, splits=ds), scores, None)
         want = selection.class_keep_counts(ds.train_labels[ds.pool], c.prune.keep_fraction, 10)
         for k in range(10):  # the subset is each class's top-k by the toy score
             members = ds.pool[ds.train_labels[ds.pool] == k]

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kdprune_jax import data, models, pipeline, sharding
+from kdprune_jax import context, data, models, pipeline, sharding
 from kdprune_jax.errors import ArtifactError, ConfigError
 from kdprune_jax.models.torch_import import load_torch_checkpoint, torch_state_dict_to_nnx
+from kdprune_jax.stages import teacher
 from tests.test_pipeline import load_config, override
 
 
@@ -189,7 +190,7 @@ def test_pipeline_teacher_init_from_pt_file(torch, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "teacher")  # imported, not trained
     assert r["teacher"]["source"] == str(pt)
 
-    ds = pipeline.load_data(config)
+    ds = context.load_splits(config)
     _, eval_fn = data.make_transforms(config.data.augment, config.data.image_size,
                                       config.data.mean, config.data.std)
     x = np.stack([eval_fn(ds.test.source[i]["image"]) for i in range(len(ds.test))])
@@ -206,10 +207,11 @@ def test_pipeline_teacher_init_from_pt_file(torch, tmp_path):
     # Same file content -> same teacher fingerprint (its eval is reused); a missing file is
     # a ConfigError naming teacher.init before anything runs.
     mesh = sharding.make_mesh()
-    fp = pipeline.import_teacher(config, 10, mesh)[-1]
+    fp = teacher.import_teacher(config, 10, mesh).fingerprint
     moved = tmp_path / "moved.pth"
     os.rename(pt, moved)
-    fp_moved = pipeline.import_teacher(override(config, teacher__init=str(moved)), 10, mesh)[-1]
+    fp_moved = teacher.import_teacher(override(config, teacher__init=str(moved)), 10,
+                                      mesh).fingerprint
     assert fp == fp_moved
     with pytest.raises(ConfigError, match=r"teacher.init.*existing .pt/.pth file"):
         pipeline.run(config, str(tmp_path / "run2"))

@@ -39,7 +39,7 @@ def _run_steps(mesh, n_steps=3):
     tx, _ = make_optimizer(OPT, 10.0, 10)
     state = sharding.replicate(TrainState.create(p, b, tx), mesh)
     teacher_vars = sharding.replicate((tp, tb), mesh)
-    step = make_kd_train_step(g, tx, mesh, teacher_graphdef=tg, alpha=0.7, temperature=3.0)
+    step = make_kd_train_step(g, tx, mesh, teacher_graphdef=tg, kd_weight=0.7, temperature=3.0)
     losses = []
     for i in range(n_steps):
         state, m = step(state, teacher_vars, sharding.to_global(_batch(seed=i), mesh))
@@ -72,7 +72,7 @@ def test_teacher_is_not_updated_and_loss_decreases():
     state = sharding.replicate(TrainState.create(p, b, tx), mesh)
     tv = sharding.replicate((tp, tb), mesh)
     before = jax.tree.map(np.asarray, tv)
-    step = make_kd_train_step(g, tx, mesh, teacher_graphdef=tg, alpha=1.0, temperature=4.0)
+    step = make_kd_train_step(g, tx, mesh, teacher_graphdef=tg, kd_weight=1.0, temperature=4.0)
     batch = sharding.to_global(_batch(seed=3), mesh)
     first = None
     for _ in range(30):

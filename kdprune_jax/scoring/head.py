@@ -54,7 +54,7 @@ def head_losses(params, batch, *, lam: float, temperature: float):
     """Per-example KD-aligned loss l_i -> float32 [B] (no regularizer)."""
     z = head_logits(params, batch["features"])
     t = batch.get("teacher_logits") if lam > 0 else None
-    return losses.kd_loss(z, t, batch["label"], alpha=lam, temperature=temperature)
+    return losses.kd_loss(z, t, batch["label"], kd_weight=lam, temperature=temperature)
 
 
 def head_objective(params, batch, *, lam: float, temperature: float, l2: float):

@@ -51,7 +51,7 @@ def train_model(
     fingerprint: str,
     writer: MetricsWriter,
     teacher=None,
-    alpha: float = 0.0,
+    kd_weight: float = 0.0,
     temperature: float = 1.0,
     global_batch_size: int = 0,
     log_every_steps: int = 50,
@@ -75,7 +75,7 @@ def train_model(
         host-side averaged metrics (e.g. to watch memory in a soak test). It runs inside
         the loop's transfer guard, so it must not move data between host and device.
       cached_teacher: the teacher's logits come with each batch (dataset_fn built with
-        `teacher_views`); `teacher` must be None, `alpha` still weighs the KD term.
+        `teacher_views`); `teacher` must be None, `kd_weight` still weighs the KD term.
       compute_dtype: None (float32) or e.g. jnp.bfloat16: the train step's student and
         teacher compute in it (`models.with_compute_dtype`); params, batch statistics,
         loss and optimizer state stay float32. The returned graphdef is the float32 one,
@@ -114,7 +114,7 @@ def train_model(
         teacher_vars = sharding.replicate((teacher[1], teacher[2]), mesh)
     step_fn = make_kd_train_step(
         models.with_compute_dtype(graphdef, params, batch_stats, compute_dtype), tx, mesh,
-        teacher_graphdef=teacher_graphdef, alpha=alpha,
+        teacher_graphdef=teacher_graphdef, kd_weight=kd_weight,
         temperature=temperature, learning_rate_fn=schedule,
         track_forgetting=bool(track_forgetting_examples), cached_teacher=cached_teacher,
     )

@@ -23,7 +23,7 @@ def make_kd_train_step(
     mesh,
     *,
     teacher_graphdef=None,
-    alpha: float = 0.0,
+    kd_weight: float = 0.0,
     temperature: float = 1.0,
     learning_rate_fn=None,
     track_forgetting: bool = False,
@@ -39,7 +39,7 @@ def make_kd_train_step(
 
     Args:
       teacher_vars: ``(params, batch_stats)`` of the teacher, or None without a teacher
-        (then alpha must be 0: plain CE).
+        (then kd_weight must be 0: plain CE).
       batch: {"image": float32 [B, H, W, C], "label": int32 [B], ...} sharded on "data".
     Returns:
       metrics: {"loss", "accuracy", "kd_agreement", "learning_rate"} float32 scalars
@@ -54,8 +54,8 @@ def make_kd_train_step(
     `scoring.ForgettingTracker`; the step records each example's correctness (by its
     ``batch["index"]``) on device, with no host work.
     """
-    if teacher_graphdef is None and alpha != 0 and not cached_teacher:
-        raise ValueError("alpha > 0 needs a teacher (a graphdef or cached logits)")
+    if teacher_graphdef is None and kd_weight != 0 and not cached_teacher:
+        raise ValueError("kd_weight > 0 needs a teacher (a graphdef or cached logits)")
     if cached_teacher and teacher_graphdef is not None:
         raise ValueError("a cached teacher replaces the live one: pass teacher_graphdef=None")
 
@@ -73,7 +73,8 @@ def make_kd_train_step(
             # BatchNorm's running-stat update writes over.
             model = nnx.merge(student_graphdef, params, state.batch_stats, copy=True)
             logits = model(x, train=True)
-            per_ex = losses.kd_loss(logits, t_logits, y, alpha=alpha, temperature=temperature)
+            per_ex = losses.kd_loss(logits, t_logits, y, kd_weight=kd_weight,
+                                    temperature=temperature)
             return per_ex.mean(), (logits, nnx.state(model, nnx.BatchStat))
 
         (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

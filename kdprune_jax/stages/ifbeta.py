@@ -1,10 +1,10 @@
-"""IF-Beta as pipeline stages: features -> influence ranks -> policy -> Gumbel draw.
+"""The `ifbeta` stage: influence ranks -> a learned Beta policy over them -> a Gumbel
+top-k draw of the subset.
 
 Our documented reconstruction of "Distill on a Diet" (paper B; only its abstract is public),
 following METHOD.md §5; every "our choice" there is a field of config.ifbeta / config.policy.
+It reads the features stage's cached teacher features and logits.
 
-    DIR/features/          teacher penultimate features + logits of the whole train split,
-                           streamed to .npy (memory-mapped, float32/float16/bfloat16) + meta
     DIR/ifbeta/policy.json learned (a, b), per-step log, the draw seed, fingerprints
     DIR/ifbeta/diagnostics.{json,png}  Beta density over ranks, kept-score histogram, curves
 """
@@ -13,236 +13,58 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 
-from kdprune_jax import (
-    artifacts,
-    bilevel,
-    distributed,
-    faults,
-    io_errors,
-    preemption,
-    scoring,
-    sharding,
-)
+from kdprune_jax import artifacts, bilevel, faults, preemption, scoring, sharding
+from kdprune_jax.context import Run
 from kdprune_jax.data import stratified_split
-from kdprune_jax.errors import ArtifactError, ConfigError
-from kdprune_jax.score_stage import Model, batch_pass, forward_fn
+from kdprune_jax.errors import ConfigError
+from kdprune_jax.inference import FrozenModel
 from kdprune_jax.scoring import SolverError
 from kdprune_jax.scoring import head as head_lib
 from kdprune_jax.selection import Subset, class_keep_counts, policy
+from kdprune_jax.stages import cache
 
-FEATURE_DTYPES = {"float32": np.float32, "float16": np.float16,
-                  "bfloat16": ml_dtypes.bfloat16}
 POLICY_METHODS = ("implicit", "reinforce", "grid")
 
 
-# ----------------------------------------------------------------------------- features
-def _features_meta(config, ds, teacher: Model) -> dict:
-    d = config.data
-    return {"teacher": teacher.fingerprint, "data": ds.fingerprint,
-            "eval_transform": [d.augment, d.image_size, list(d.mean), list(d.std)],
-            "dtype": config.ifbeta.feature_dtype, "num_examples": len(ds.train)}
-
-
-def _read_features(path):
-    return read_features(path)[0]
-
-
-def read_features(path, num_classes: int | None = None, dim: int | None = None):
-    """((features [N, D], logits [N, C], meta), None) memory-mapped; (None, None) when the
-    directory does not exist; (None, "<file>: what is wrong") when a file is missing, not
-    an .npy / JSON document (empty, truncated, garbage), or of the wrong shape or dtype
-    (N from meta.json; C and D checked when given)."""
-    if not os.path.isdir(path):
-        return None, None
-    meta, problem = artifacts.read_json_checked(os.path.join(path, "meta.json"))
-    if meta is not None:
-        problem = artifacts.check_fields(meta, {"dtype": str, "num_examples": int})
-        if problem is None and meta["dtype"] not in FEATURE_DTYPES:
-            problem = f"unknown dtype {meta['dtype']!r}"
-    if meta is None or problem:
-        return None, f"meta.json: {problem or 'missing'}"
-    n, dt = meta["num_examples"], FEATURE_DTYPES[meta["dtype"]]
-    out = []
-    for name, cols, dtype in (("features.npy", dim, np.uint16 if dt is ml_dtypes.bfloat16
-                               else dt), ("logits.npy", num_classes, np.float32)):
-        try:
-            a = np.load(os.path.join(path, name), mmap_mode="r")
-        except Exception as e:  # numpy raises several types for a damaged header or size
-            return None, f"{name}: {artifacts.describe(e)}"
-        if a.ndim != 2 or a.shape[0] != n or (cols is not None and a.shape[1] != cols):
-            return None, (f"{name}: shape {a.shape}, expected ({n}, "
-                          f"{cols if cols is not None else 'D'}) from meta.json")
-        if a.dtype != dtype:
-            return None, f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}"
-        out.append(a)
-    feats, logits = out
-    return (feats.view(dt) if dt is ml_dtypes.bfloat16 else feats, logits, meta), None
-
-
-def _features_or_problem(path):
-    """read_features + a check that every value is finite; returns float32 arrays."""
-    got, problem = read_features(path)
-    if got is None:
-        return None, problem
-    feats, logits = np.asarray(got[0], np.float32), np.asarray(got[1], np.float32)
-    for name, a in (("features.npy", feats), ("logits.npy", logits)):
-        if not np.all(np.isfinite(a)):
-            return None, f"{name}: {int(np.sum(~np.isfinite(a)))} NaN or infinite values"
-    return (feats, logits, got[2]), None
-
-
-def refuse_features_dir(given: str, problem: str | None):
-    """The error for an unusable user-given ifbeta.features_dir (nothing to rebuild)."""
-    return ConfigError("ifbeta.features_dir", given,
-                       "'' or a features directory written by kdprune_jax; this one "
-                       + (f"is unreadable ({problem})" if problem else "does not exist"))
-
-
-def check_features_dir(config, ds):
-    """Before any training: a user-given ifbeta.features_dir must be readable (its
-    teacher and data are compared once the teacher is known)."""
-    got, problem = read_features(config.ifbeta.features_dir, ds.train.num_classes)
-    if got is None:
-        raise refuse_features_dir(config.ifbeta.features_dir, problem)
-
-
-def teacher_features(config, ds, mesh, workdir, teacher: Model, log):
-    """The `features` stage: one inference pass of the frozen teacher over the whole train
-    split (train pool + validation), no augmentation. Streams rows into memory-mapped
-    .npy files (host memory stays at one batch), written to a temp dir and renamed into
-    place. Reused when its metadata matches; a user-given ifbeta.features_dir must match.
-
-    Returns (features [N, D], teacher logits [N, C]) as float32 numpy arrays.
-    """
-    want = _features_meta(config, ds, teacher)
-    given = config.ifbeta.features_dir
-    path = given or os.path.join(workdir, "features")
-    got, problem = _features_or_problem(path)
-    if got is not None and all(got[2].get(k) == v for k, v in want.items()):
-        # Made for this teacher and data, so the widths must be this teacher's (a stale
-        # directory of another teacher may have other ones: stale, not damaged).
-        dim, c = _feature_dim(teacher, ds), ds.train.num_classes
-        if got[0].shape[1] != dim or got[1].shape[1] != c:
-            got, problem = None, (f"features.npy / logits.npy: {got[0].shape[1]} / "
-                                  f"{got[1].shape[1]} columns, this teacher has {dim} / {c}")
-    if given:
-        if got is None:
-            raise refuse_features_dir(given, problem)
-        for key in ("teacher", "data", "eval_transform", "dtype", "num_examples"):
-            if got[2].get(key) != want[key]:  # only read, never recomputed into
-                raise ArtifactError(
-                    f"features in {given} were computed with a different {key} "
-                    f"({got[2].get(key)!r}) than this run's ({want[key]!r}); they come from "
-                    "another teacher/data than config.teacher names. Leave "
-                    "ifbeta.features_dir empty to recompute them")
-    if got is not None and all(got[2].get(k) == v for k, v in want.items()):
-        log(f"[features] reusing {path}")
-        return got[0], got[1]
-    if problem:
-        log(f"[features] {path} is unreadable ({problem}); recomputing")
-    elif got is not None:
-        log(f"[features] {path} is stale (different teacher, data or dtype); recomputing")
-    t0 = time.perf_counter()
-    c = ds.train.num_classes
-    n = len(ds.train)
-    dt = FEATURE_DTYPES[config.ifbeta.feature_dtype]
-    tmp = path + ".tmp"
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dim = _feature_dim(teacher, ds)
-    store = np.uint16 if dt is ml_dtypes.bfloat16 else dt  # .npy has no bfloat16
-    # Every process takes part in the sharded pass and receives every row, but only
-    # process 0 writes the files (one writer per file on a shared workdir); the others
-    # read them back after the barrier below.
-    writer = jax.process_index() == 0
-    if writer:
-        # Blocks allocated up front: a full disk is a one-line WriteError here, not a
-        # SIGBUS mid-pass (io_errors.open_memmap).
-        f_mm = io_errors.open_memmap(os.path.join(tmp, "features.npy"), store, (n, dim))
-        l_mm = io_errors.open_memmap(os.path.join(tmp, "logits.npy"), np.float32, (n, c))
-
-    def sink(idx, vals):
-        if not writer:
-            return
-        f = vals[:, c:].astype(dt)
-        f_mm[idx] = f.view(np.uint16) if dt is ml_dtypes.bfloat16 else f
-        l_mm[idx] = vals[:, :c]
-
-    # Kill points features:batch<k>: a partial features.tmp/ is left behind (removed above
-    # on rerun); features/ only ever appears complete.
-    batch_pass(forward_fn(teacher.graphdef), (teacher.params, teacher.batch_stats), ds, config,
-               np.arange(n), mesh, sink=sink, name="features")
-    if writer:
-        with io_errors.writing(tmp):
-            f_mm.flush()  # the data is on disk before the directory is renamed into place
-            l_mm.flush()
-        artifacts.write_json(os.path.join(tmp, "meta.json"),
-                             {**want, "seconds": time.perf_counter() - t0})
-        old = path + ".old"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    distributed.barrier("kdprune_features_written")
-    log(f"[features] {n} x {dim} features ({config.ifbeta.feature_dtype}) in "
-        f"{time.perf_counter() - t0:.1f} s -> {path}")
-    feats, logits, _ = _read_features(path)
-    return np.asarray(feats, np.float32), np.asarray(logits, np.float32)
-
-
-def _feature_dim(teacher: Model, ds) -> int:
-    """Penultimate width, from an abstract evaluation (no compute)."""
-    from flax import nnx
-
-    x = jax.ShapeDtypeStruct((1,) + ds.train.source[0]["image"].shape, jnp.float32)
-
-    def f(p, b, x):
-        return nnx.merge(teacher.graphdef, p, b)(x, train=False, return_features=True)[1]
-
-    return int(jax.eval_shape(f, teacher.params, teacher.batch_stats, x).shape[-1])
-
-
-# ----------------------------------------------------------------------------- problem
 def _rows(feats, logits, labels, idx):
     return {"features": jnp.asarray(feats[idx]), "label": jnp.asarray(labels[idx], jnp.int32),
             "teacher_logits": jnp.asarray(logits[idx])}
 
 
-def validation_halves(config, ds):
+def validation_halves(config, splits):
     """V1 (outer objective) and V2 (early stopping): a stratified split of the validation
     split. Raises ConfigError when either would be empty (checked before any training)."""
-    v2_pos, v1_pos = stratified_split(ds.train_labels[ds.val], config.ifbeta.val2_fraction,
-                                      config.data.val_seed + 1)
+    v2_pos, v1_pos = stratified_split(splits.train_labels[splits.val],
+                                      config.ifbeta.val2_fraction, config.data.val_seed + 1)
     if len(v1_pos) == 0 or len(v2_pos) == 0:
         raise ConfigError("data.val_fraction", config.data.val_fraction,
                           f"a fraction leaving examples in both IF-Beta validation halves "
                           f"(V1 for the objective, V2 for early stopping); the validation "
-                          f"split has {len(ds.val)} examples")
-    return ds.val[v1_pos], ds.val[v2_pos]
+                          f"split has {len(splits.val)} examples")
+    return splits.val[v1_pos], splits.val[v2_pos]
 
 
-def build_problem(config, ds, feats, logits, log):
+def build_problem(config, splits, feats, logits, log):
     """Influence ranks on the KD-aligned proxy head and the bilevel problem.
 
-    Returns (Problem, influence scores [len(pool)], V1/V2 indices)."""
+    Args: splits: the run's `context.Splits`; feats / logits: float32 [N_train, D] /
+    [N_train, C] teacher features and logits.
+    Returns (bilevel.Problem, influence scores float32 [len(pool)], fitted head theta)."""
     ib = config.ifbeta
-    labels = ds.train_labels
-    v1, v2 = validation_halves(config, ds)
-    train = _rows(feats, logits, labels, ds.pool)
+    labels = splits.train_labels
+    v1, v2 = validation_halves(config, splits)
+    train = _rows(feats, logits, labels, splits.pool)
     val1, val2 = _rows(feats, logits, labels, v1), _rows(feats, logits, labels, v2)
     lam, tau, l2 = ib.kd_weight, ib.temperature, ib.l2
-    theta0 = init_theta(config, feats.shape[1], ds.train.num_classes)
-    kron = settings(config, ds.train.num_classes).kronecker
+    theta0 = init_theta(config, feats.shape[1], splits.num_classes)
+    kron = settings(config, splits.num_classes).kronecker
     whitening = (head_lib.kronecker_factors(theta0, train, lam=lam, temperature=tau, shift=l2)
                  if kron else None)
     theta, info = head_lib.fit_head(train, theta0, lam=lam, temperature=tau, l2=l2,
@@ -264,14 +86,14 @@ def build_problem(config, ds, feats, logits, log):
                         settings=dict(damping=ib.damping, max_iters=config.policy.cg_max_iters),
                         names={"damping": "ifbeta.damping", "max_iters": "policy.cg_max_iters"})
     infl = np.asarray(scoring.influence_from_s_test(per_ex, theta, train, s))
-    u = policy.within_class_ranks(infl, labels[ds.pool], ds.train.num_classes,
+    u = policy.within_class_ranks(infl, labels[splits.pool], splits.num_classes,
                                   seed=config.prune.seed)
-    counts = class_keep_counts(labels[ds.pool], config.prune.keep_fraction,
-                               ds.train.num_classes)
+    counts = class_keep_counts(labels[splits.pool], config.prune.keep_fraction,
+                               splits.num_classes)
     log(f"[ifbeta] proxy head: {int(info['iterations'])} L-BFGS iterations; influence ranks "
-        f"for {len(ds.pool)} examples; V1 {len(v1)} / V2 {len(v2)} examples")
+        f"for {len(splits.pool)} examples; V1 {len(v1)} / V2 {len(v2)} examples")
     prob = bilevel.make_problem(train, u, counts, val1, val2,
-                                num_classes=ds.train.num_classes,
+                                num_classes=splits.num_classes,
                                 multiple=jax.device_count())
     return prob, infl, theta
 
@@ -285,7 +107,7 @@ def init_theta(config, dim, num_classes):
 def settings(config, num_classes) -> bilevel.Settings:
     ib, p = config.ifbeta, config.policy
     return bilevel.Settings(
-        num_classes=num_classes, lam=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
+        num_classes=num_classes, kd_weight=ib.kd_weight, temperature=ib.temperature, l2=ib.l2,
         inner_max_iters=p.inner_max_iters, inner_tol=p.inner_tol,
         cg_max_iters=p.cg_max_iters, cg_tol=p.cg_tol, damping=p.damping,
         warm_start=p.warm_start, cg_warm_start=p.cg_warm_start,
@@ -293,7 +115,8 @@ def settings(config, num_classes) -> bilevel.Settings:
         mlp_hidden=ib.mlp_hidden, seed=config.seed, outer_loss=p.get("outer_loss", "kd"))
 
 
-def _phi(a, b):
+def initial_phi(a, b):
+    """The policy parameters phi (softplus^-1 of (a, b) - EPS) of Beta(a, b)."""
     return jnp.log(jnp.expm1(jnp.array([a, b], jnp.float32) - policy.EPS))
 
 
@@ -301,7 +124,7 @@ def _phi(a, b):
 def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
     """Outer loop of the selected estimator. Returns (best phi, history, extras)."""
     p = config.policy
-    phi0 = _phi(p.init_a, p.init_b)
+    phi0 = initial_phi(p.init_a, p.init_b)
     extras = {}
     if p.check_grad:
         # Both sides with tight inner/CG tolerances, so the comparison measures the
@@ -392,7 +215,8 @@ def learn_policy(config, prob, s: bilevel.Settings, mesh, writer, log):
 _POLICY_FIELDS_SINCE = {"outer_loss": "kd"}
 
 
-def _policy_key(p) -> dict:
+def policy_key(p) -> dict:
+    """config.policy as the policy record's key (fields added later only when not default)."""
     d = p.to_dict()
     for k, default in _POLICY_FIELDS_SINCE.items():
         if d.get(k) == default:
@@ -400,60 +224,73 @@ def _policy_key(p) -> dict:
     return d
 
 
-def select_ifbeta(config, ds, mesh, workdir, writer, log, teacher: Model):
-    """features -> ranks -> policy -> draw. Returns (Subset, policy record)."""
+def key(run: Run, teacher: FrozenModel, features_fp: str) -> str:
+    """Key of the learned policy: teacher, data, the features, init_theta's seed, every
+    ifbeta / policy field, keep_fraction and the draw seed."""
+    c = run.config
+    return artifacts.fingerprint({
+        "teacher": teacher.fingerprint, "data": run.splits.fingerprint,
+        # the features themselves (eval transform, dtype) and init_theta's seed
+        "features": features_fp, "init_seed": c.seed,
+        "ifbeta": c.ifbeta.to_dict(), "policy": policy_key(c.policy),
+        "keep_fraction": c.prune.keep_fraction, "seed": c.prune.seed})
+
+
+def compute(run: Run, teacher: FrozenModel, features) -> tuple[Subset, dict]:
+    """ranks -> policy -> draw, on the features stage's `features` (`Features`).
+
+    Reuses DIR/ifbeta/policy.json when its key matches. Returns (Subset, policy record)."""
+    config, sp, log = run.config, run.splits, run.log
     p = config.policy
     if p.method not in POLICY_METHODS:
         raise ConfigError("policy.method", p.method, ", ".join(POLICY_METHODS))
-    feats, logits = teacher_features(config, ds, mesh, workdir, teacher, log)
-    fp = artifacts.fingerprint({
-        "teacher": teacher.fingerprint, "data": ds.fingerprint,
-        # the features themselves (eval transform, dtype) and init_theta's seed
-        "features": artifacts.fingerprint(_features_meta(config, ds, teacher)),
-        "init_seed": config.seed,
-        "ifbeta": config.ifbeta.to_dict(), "policy": _policy_key(p),
-        "keep_fraction": config.prune.keep_fraction, "seed": config.prune.seed})
-    rec_path = os.path.join(workdir, "ifbeta", "policy.json")
-    rec, problem = artifacts.read_json_checked(rec_path)
-    if rec is not None:
-        problem = _policy_problem(rec)
-    if problem:
-        log(f"[policy] {rec_path} is unreadable ({problem}); relearning")
-        rec = None
+    fp = key(run, teacher, features.fingerprint)
     t0 = time.perf_counter()
-    prob, infl, _ = build_problem(config, ds, feats, logits, log)
-    s = settings(config, ds.train.num_classes)
-    if rec is not None and rec["fingerprint"] == fp:
-        log(f"[policy] reusing {rec_path}")
-        phi = jnp.asarray(rec["phi"], jnp.float32)
-    else:
-        phi, history, extras = learn_policy(config, prob, s, mesh, writer, log)
+    prob, infl, _ = build_problem(config, sp, features.features, features.logits, log)
+    s = settings(config, sp.num_classes)
+
+    def learn():
+        phi, history, extras = learn_policy(config, prob, s, run.mesh, run.writer, log)
         a, b = (float(x) for x in policy.beta_params(phi))
         rec = {"fingerprint": fp, "phi": np.asarray(phi).tolist(), "a": a, "b": b,
                "method": p.method, "history": history, **extras,
                "seconds": time.perf_counter() - t0,
-               "outer_at_init": float(bilevel.objective_at(_phi(p.init_a, p.init_b), prob, s)),
+               "outer_at_init": float(bilevel.objective_at(initial_phi(p.init_a, p.init_b),
+                                                           prob, s)),
                "outer_at_learned": float(bilevel.objective_at(phi, prob, s))}
-        if jax.process_index() == 0:
-            artifacts.write_json(rec_path, rec)
         log(f"[policy] learned (a, b) = ({a:.3f}, {b:.3f}); V1 objective "
             f"{rec['outer_at_init']:.5f} at init -> {rec['outer_at_learned']:.5f}")
-    pool_labels = ds.train_labels[ds.pool]
-    n = len(ds.pool)
+        return rec
+
+    def read(path):
+        rec, problem = artifacts.read_json_checked(path)
+        if rec is not None:
+            problem = _policy_problem(rec)
+        return (None, problem) if problem else (rec, None)
+
+    rec = cache.reuse_or_compute(
+        cache.Artifact("policy", run.path("ifbeta", "policy.json"), redo="relearning",
+                       stale="another teacher, features or ifbeta / policy setting"), fp,
+        read=read, key_of=lambda r: r["fingerprint"], compute=learn,
+        write=artifacts.write_json, log=log)
+    phi = jnp.asarray(rec["phi"], jnp.float32)
+    pool_labels = sp.train_labels[sp.pool]
+    n = len(sp.pool)
     # Jitted: op by op, its associative scan compiled ~350 tiny programs (~17 s on a CPU).
     pi = jax.jit(bilevel.keep_probabilities, static_argnames="s")(phi, prob, s)
     pi = pi[:n]  # drop padding rows
     counts = np.asarray(prob.counts)[:-1]
-    keep = policy.gumbel_top_k(pi, pool_labels, counts, ds.train.num_classes,
+    keep = policy.gumbel_top_k(pi, pool_labels, counts, sp.num_classes,
                                jax.random.key(config.prune.seed))
     subset = Subset(
-        indices=np.sort(ds.pool[keep]), keep_fraction=float(config.prune.keep_fraction),
+        indices=np.sort(sp.pool[keep]), keep_fraction=float(config.prune.keep_fraction),
         method="ifbeta", seed=int(config.prune.seed), class_counts=counts,
-        pool_size=len(ds.pool), direction="learned",
+        pool_size=len(sp.pool), direction="learned",
         params={"a": rec["a"], "b": rec["b"], "policy": p.method, "draw": "gumbel_top_k"})
-    if jax.process_index() == 0:
-        write_diagnostics(os.path.join(workdir, "ifbeta"), rec, np.asarray(prob.u)[:n], infl,
-                          keep, log)
+    subset.fingerprint = artifacts.fingerprint({"policy": rec["fingerprint"],
+                                                "data": sp.fingerprint})
+    if run.is_writer:
+        write_diagnostics(run.path("ifbeta"), rec, np.asarray(prob.u)[:n], infl, keep, log)
     return subset, rec
 
 
