@@ -1,11 +1,15 @@
-"""Defaults shared by every config (plain data; never imports kdprune_jax).
+"""Defaults shared by every config (plain data; imports only kdprune_jax.config_helpers).
 
-Other configs load this file by path (configs/ is not a package) and override fields.
+Other configs load this file with `kdprune_jax.config_helpers` (``base_config()``, or
+``load_config_module("base.py")`` for `optim` too; configs/ is not a package) and override
+fields. It takes no ``:arg``.
 Durations end in _epochs / _steps; every field is overridable on the command line, e.g.
 ``--config.kd.alpha=0.5``.
 """
 
 import ml_collections
+
+from kdprune_jax.config_helpers import parse_config_arg
 
 
 def optim(num_epochs, batch_size, learning_rate, weight_decay=5e-4, schedule="cosine"):
@@ -23,7 +27,8 @@ def optim(num_epochs, batch_size, learning_rate, weight_decay=5e-4, schedule="co
     ))
 
 
-def get_config():
+def get_config(arg: str = ""):
+    parse_config_arg(arg)  # takes no arg
     c = ml_collections.ConfigDict()
     c.seed = 0
 

@@ -14,22 +14,14 @@ full-data KD epoch (`python -m benchmarks.run --only ifbeta_cost --ifbeta_max_pe
 --ifbeta_teacher_init DIR/teacher`; README "Benchmarks").
 """
 
-import importlib.util
-import os
+from kdprune_jax.config_helpers import load_config_module, parse_config_arg
 
 
 def get_config(arg: str = ""):
-    """``configs/cifar10_kd.py:ifbeta[,arg]``."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_kd.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_cifar10_kd", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    args = [a for a in arg.split(",") if a]
-    unknown = set(args) - {"smoke", "tfds"}
-    if unknown:
-        raise ValueError(f"unknown config args {sorted(unknown)}; allowed: smoke, tfds")
-    c = mod.get_config(",".join(["ifbeta", *args]))
-    if "smoke" in args:
+    """``configs/cifar10_kd.py:ifbeta[,arg]``, and 5 policy steps with `smoke`."""
+    a = parse_config_arg(arg, flags=("smoke", "tfds"))
+    c = load_config_module("cifar10_kd.py").get_config(",".join(["ifbeta", *a.flags]))
+    if a.smoke:
         with c.unlocked():
             c.policy.max_steps = 5
     return c

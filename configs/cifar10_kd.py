@@ -2,11 +2,12 @@ r"""CIFAR-10: ResNet-56 teacher -> a pruning method keeps a subset -> ResNet-20 
 
     python -m kdprune_jax.main --config=configs/cifar10_kd.py:el2n --workdir=/tmp/c10_el2n
 
-The arg is comma-separated: one pruning method (random, el2n, teacher_el2n, grand,
-grand_last_layer, forgetting, entropy, margin, moderate, influence, self_influence; default
-random), plus `smoke` (tiny models, 20 images per class, a few steps: seconds) and/or `tfds`
-(read a prepared tfds `cifar10` instead of the offline archive). The method can also be set
-with ``--config.prune.method=``.
+The arg is comma-separated: at most one pruning method (random, el2n, teacher_el2n, grand,
+grand_last_layer, forgetting, entropy, margin, moderate, influence, self_influence, ifbeta;
+default random), plus `smoke` (tiny models, 20 images per class, a few steps: seconds) and/or
+`tfds` (read a prepared tfds `cifar10` instead of the offline archive). The method can also be
+set with ``--config.prune.method=`` (which also takes methods registered with
+`kdprune_jax.methods.register`).
 
 Data: the offline JPEG archive (../shared/data/cifar10/cifar10-jpeg.tar.gz, or the path in
 $KDPRUNE_CIFAR10_ARCHIVE). Recipe: 200 epochs each, SGD momentum 0.9 Nesterov, lr 0.1 cosine,
@@ -16,8 +17,14 @@ Measured: see configs/cifar10_random_kd.py for the reduced random run on this 2-
 score-based methods have been run here only at `:smoke` scale (tests/test_pipeline.py).
 """
 
-import importlib.util
 import os
+
+from kdprune_jax.config_helpers import base_config, parse_config_arg
+
+# The built-in methods of kdprune_jax/methods.py (tests/test_configs.py checks they agree).
+METHODS = ("random", "el2n", "teacher_el2n", "grand", "grand_last_layer", "forgetting",
+           "entropy", "margin", "moderate", "influence", "self_influence", "ifbeta")
+FLAGS = ("smoke", "tfds")
 
 _ARCHIVE = os.environ.get(
     "KDPRUNE_CIFAR10_ARCHIVE",
@@ -26,29 +33,17 @@ _ARCHIVE = os.environ.get(
 )
 
 
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def get_config(arg: str = ""):
-    args = [a for a in arg.split(",") if a]
-    flags = {a for a in args if a in ("smoke", "tfds")}
-    methods = [a for a in args if a not in flags]
-    if len(methods) > 1:
-        raise ValueError(f"at most one pruning method in the config arg, got {methods}")
-    c = _base().get_config()
-    c.prune.method = methods[0] if methods else "random"
-    if "tfds" in flags:
+    a = parse_config_arg(arg, flags=FLAGS, choices={"method": METHODS})
+    c = base_config()
+    c.prune.method = a.method or "random"
+    if a.tfds:
         c.data.source, c.data.name = "tfds", "cifar10"
     else:
         c.data.source, c.data.path = "image_folder", os.path.normpath(_ARCHIVE)
     c.data.augment = "cifar"
     c.teacher.model, c.student.model = "cifar_resnet56", "cifar_resnet20"
-    if "smoke" in flags:
+    if a.smoke:
         c.data.max_per_class = 20
         c.teacher.model, c.student.model = "cifar_resnet8", "cifar_resnet8"
         c.teacher.width = c.student.width = 0.25

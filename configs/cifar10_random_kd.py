@@ -24,17 +24,10 @@ student (23,750 of 47,500 images, KD) 0.6201, on the 10,000 test images; seed 0,
 `:smoke` runs end to end in ~10 s (tests/test_pipeline.py).
 """
 
-import importlib.util
-import os
+from kdprune_jax.config_helpers import load_config_module, parse_config_arg
 
 
 def get_config(arg: str = ""):
     """Same as ``configs/cifar10_kd.py:random[,arg]``."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_kd.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_cifar10_kd", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    unknown = set(filter(None, arg.split(","))) - {"smoke", "tfds"}
-    if unknown:
-        raise ValueError(f"unknown config args {sorted(unknown)}; allowed: smoke, tfds")
-    return mod.get_config(",".join(["random", *filter(None, arg.split(","))]))
+    a = parse_config_arg(arg, flags=("smoke", "tfds"))
+    return load_config_module("cifar10_kd.py").get_config(",".join(["random", *a.flags]))

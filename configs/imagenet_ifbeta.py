@@ -13,22 +13,19 @@ paper B (METHOD.md §5). `:smoke` runs end to end on tfds mock data in tests/tes
 Measured: not run at full scale on the project's 2-core CPU.
 """
 
-import importlib.util
-import os
+from kdprune_jax.config_helpers import load_config_module, parse_config_arg
 
 
 def get_config(arg: str = ""):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet_random_kd.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_imagenet", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
+    """``configs/imagenet_random_kd.py[:smoke]`` with prune.method=ifbeta."""
+    a = parse_config_arg(arg, flags=("smoke",))
+    c = load_config_module("imagenet_random_kd.py").get_config(",".join(a.flags))
     with c.unlocked():
         c.prune.method = "ifbeta"
         c.prune.balanced = True  # the policy keeps exact per-class counts
         c.ifbeta.feature_dtype = "bfloat16"
         c.ifbeta.kd_weight, c.ifbeta.temperature = 0.5, 1.0  # match the ImageNet KD recipe
-        if arg == "smoke":
+        if a.smoke:
             c.policy.max_steps = 3
             c.score.batch_size = 16
             # The smoke head is (256 features + bias) x 1000 classes, 4 of them present, on

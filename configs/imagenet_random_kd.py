@@ -15,22 +15,12 @@ global random selection since mock data has ~1 example per class) runs end to en
 `tfds.testing.mock_data` in tests/test_pipeline.py.
 """
 
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from kdprune_jax.config_helpers import load_config_module, parse_config_arg
 
 
 def get_config(arg: str = ""):
-    if arg not in ("", "smoke"):
-        raise ValueError(f"unknown config arg {arg!r}; allowed: '' or 'smoke'")
-    base = _base()
+    a = parse_config_arg(arg, flags=("smoke",))
+    base = load_config_module("base.py")
     c = base.get_config()
     c.data.source, c.data.name = "tfds", "imagenet2012"
     c.data.eval_split = "validation"
@@ -48,7 +38,7 @@ def get_config(arg: str = ""):
     c.prune.keep_fraction = 0.5
     c.eval.batch_size = 1024
     c.log_every_steps, c.checkpoint_every_steps = 100, 2000
-    if arg == "smoke":
+    if a.smoke:
         c.data.image_size = 32
         c.data.val_fraction = 0.1
         c.data.num_workers = 0

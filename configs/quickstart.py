@@ -11,20 +11,12 @@ same workdir reuses every artifact and takes 7.5 s.
 `:smoke` shrinks everything to a few steps for tests.
 """
 
-import importlib.util
-import os
-
-
-def _base():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py")
-    spec = importlib.util.spec_from_file_location("kdprune_configs_base", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from kdprune_jax.config_helpers import load_config_module, parse_config_arg
 
 
 def get_config(arg: str = ""):
-    base = _base()
+    a = parse_config_arg(arg, flags=("smoke",))
+    base = load_config_module("base.py")
     c = base.get_config()
     c.data.source = "digits"
     c.data.augment = "none"
@@ -37,14 +29,12 @@ def get_config(arg: str = ""):
     c.eval.batch_size = 128
     c.log_every_steps = 10
     c.checkpoint_every_steps = 100
-    if arg == "smoke":
+    if a.smoke:
         c.teacher.optim.num_epochs = 1
         c.student.optim.num_epochs = 2
         c.teacher.width = c.student.width = 0.25
         c.teacher.model = "cifar_resnet8"
         c.log_every_steps = 5
         c.checkpoint_every_steps = 10
-    elif arg:
-        raise ValueError(f"unknown config arg {arg!r}; allowed: '' or 'smoke'")
     c.lock()
     return c

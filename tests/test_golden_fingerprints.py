@@ -116,3 +116,10 @@ def test_every_stage_key_equals_the_golden_file(runs):
     assert {"teacher", "student", "subset", "results", "scores", "proxies", "ifbeta",
             "features"} <= stages, stages
     assert os.path.dirname(GOLDEN).startswith(ROOT)
+
+
+def test_config_only_keys_equal_the_golden_file():
+    """The "configs" half of the golden file alone (no smoke runs, seconds): what a change to
+    configs/ or config_helpers must keep."""
+    with open(GOLDEN) as f:
+        assert _config_keys() == json.load(f)["configs"]

@@ -175,7 +175,11 @@ CLI = [
      r"file when kd\.alpha='auto'"),
     ("bad_config_arg", ["--config=configs/quickstart.py:bogus"],
      r"^error: --config=configs/quickstart\.py:bogus: cannot load the config file: "
-     r"unknown config arg 'bogus'"),
+     r"unknown config arg 'bogus' for configs/quickstart\.py; allowed: smoke$"),
+    ("bad_config_arg_with_choices", ["--config=configs/cifar10_kd.py:el2n,smok"],
+     r"^error: --config=configs/cifar10_kd\.py:el2n,smok: cannot load the config file: "
+     r"unknown config arg 'smok' in 'el2n,smok' for configs/cifar10_kd\.py; allowed: smoke, "
+     r"tfds, and at most one method of: random, el2n, .*, ifbeta \(comma-separated\)$"),
 ]
 
 

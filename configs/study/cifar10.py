@@ -17,10 +17,12 @@ fraction), the same for every method.
 - table3 (B3, cost): compute-matched full-data KD, as many steps as each kept fraction gets
   (student.optim.num_epochs = keep x the cells' epochs over the full pool).
 
-Args: `smoke` shrinks everything to a seconds-long grid on the embedded digits (tests).
+Takes no arg (configs/study/smoke.py is the seconds-long grid on the embedded digits, for tests).
 """
 
 import ml_collections
+
+from kdprune_jax.config_helpers import parse_config_arg
 
 STUDENT_EPOCHS = 10
 SEEDS = (0, 1)
@@ -29,8 +31,7 @@ KEEPS = (0.1, 0.3, 0.5)
 
 
 def get_config(arg: str = ""):
-    if arg not in ("",):
-        raise ValueError(f"unknown config arg {arg!r}; allowed: ''")
+    parse_config_arg(arg)  # takes no arg
     c = ml_collections.ConfigDict()
     c.name = "cifar10"
     c.base = "configs/cifar10_kd.py"

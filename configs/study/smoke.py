@@ -5,10 +5,11 @@ r"""A seconds-long study on the embedded digits (tests/test_study.py): 2 methods
 
 import ml_collections
 
+from kdprune_jax.config_helpers import parse_config_arg
+
 
 def get_config(arg: str = ""):
-    if arg not in ("",):
-        raise ValueError(f"unknown config arg {arg!r}; allowed: ''")
+    parse_config_arg(arg)  # takes no arg
     c = ml_collections.ConfigDict()
     c.name = "smoke"
     c.base = "configs/quickstart.py:smoke"
