@@ -59,7 +59,7 @@ def run(n: int = 2048, batch_size: int = 256, chunk_size: int = 64, reps: int = 
         return jax.lax.map(one, b, batch_size=chunk_size)
 
     def measure(scores_fn, batch):
-        # The score stage's XLA:CPU options (score_stage.batch_pass passes the same).
+        # The score stage's XLA:CPU options (inference.batch_pass passes the same).
         fn = jax.jit(scores_fn, compiler_options=cpu_flags.compiler_options())
         m = jax.tree.leaves(batch)[0].shape[0]
         step = min(batch_size, m)

@@ -116,7 +116,7 @@ def _peak_kib() -> int:
 
 
 def _nnx_logits(graphdef, rest, params, batch):
-    """Inference-mode logits (module level: one compile per shape), as score_stage's."""
+    """Inference-mode logits (module level: one compile per shape), as the influence stage's."""
     from flax import nnx
 
     return nnx.merge(graphdef, params, rest)(batch["image"], train=False)

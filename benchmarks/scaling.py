@@ -1,7 +1,7 @@
 """How IF-Beta's two jitted kernels grow with the pool size N and the feature dimension D:
 
 - scoring: fit the KD-aligned proxy head (L-BFGS), solve s_test (CG), influence of every
-  pool example (one JVP) -- what `ifbeta_stage.build_problem` runs;
+  pool example (one JVP) -- what `stages.ifbeta.build_problem` runs;
 - one bilevel outer step (`bilevel.make_outer_step`: inner L-BFGS solve, CG, implicit
   hypergradient, Adam update).
 
@@ -54,7 +54,7 @@ def measure(n, dim, *, num_classes=10, n_val=1000, reps=5, fit_iters=50, cg_iter
     theta0 = head_lib.init_head(dim, num_classes)
 
     damping = 1e-3
-    # Preconditioned as ifbeta_stage.build_problem runs it (policy.preconditioner="auto"
+    # Preconditioned as stages.ifbeta.build_problem runs it (policy.preconditioner="auto"
     # with the linear head): L-BFGS whitened by the Kronecker factors at theta0, CG
     # preconditioned by the factors at the fitted theta. Their eigendecompositions add
     # O(D^3) work per solve, independent of N.

@@ -4,7 +4,7 @@ The default: YNNPACK fusions for elementwise loops (XLA's
 ``xla_cpu_experimental_ynn_fusion_type=eltwise``), passed as `jax.jit(...,
 compiler_options=compiler_options())` to the programs where it was measured to pay: the
 train and eval steps (`train.steps`) and the scoring / feature / teacher-view passes
-(`score_stage.batch_pass`). Measured on the 2-core benchmark machine, KD train step batch
+(`inference.batch_pass`). Measured on the 2-core benchmark machine, KD train step batch
 128: see README "Benchmarks" (`python -m benchmarks.xla_flags`; ResNet-56 -> ResNet-20 and
 ResNet-20 -> ResNet-20, each setting in a fresh process). GPU and TPU programs get no
 option (`compiler_options()` is empty unless the default backend is the CPU).

@@ -6,7 +6,7 @@ of the same command must then give the same answer as an uninterrupted run. Kill
 
     <stage>:<step>      right after training step <step> of teacher / student / proxy<k>,
                         once the checkpoints already started have committed (train/loop.py)
-    proxies:done        every proxy trained, before the scoring passes (score_stage.py)
+    proxies:done        every proxy trained, before the scoring passes (stages/scores.py)
     <pass>:batch<k>     after batch k (1-based) of a batched pass was dispatched:
                         features:batchK (IF-Beta teacher features, streamed to features.tmp/),
                         scores:batchK (the scoring passes over the proxies / teacher)

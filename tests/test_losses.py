@@ -72,6 +72,6 @@ def test_temperature_scaling_gradient_magnitude():
     np.testing.assert_allclose(np.asarray(g[0]), (np.asarray(s - t)[0]) / 3, atol=2e-3)
 
 
-def test_alpha_without_teacher_is_an_error():
-    with pytest.raises(ValueError, match="alpha == 0"):
+def test_a_kd_weight_without_teacher_is_an_error():
+    with pytest.raises(ValueError, match="kd_weight == 0"):
         losses.kd_loss(jnp.array([S]), None, jnp.array([0]), kd_weight=0.5, temperature=1.0)

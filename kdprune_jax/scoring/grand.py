@@ -51,7 +51,7 @@ def grand_scores(example_losses, params, batch, *, chunk_size: int | None = 64):
         gradient program are compiled: keep that small (e.g. batches of 256).
 
     On a batch sharded over several devices, call it inside `jax.shard_map` (each device
-    scores its own rows; see score_stage): under jit's automatic partitioning, XLA:CPU
+    scores its own rows; see stages/scores.py): under jit's automatic partitioning, XLA:CPU
     (JAX 0.10.2) computes wrong per-example convolution gradients for a batch-sharded vmap
     (tests/test_score_stage.py compares 8 devices with 1).
     Returns:
