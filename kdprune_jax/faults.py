@@ -10,8 +10,11 @@ of the same command must then give the same answer as an uninterrupted run. Kill
     <pass>:batch<k>     after batch k (1-based) of a batched pass was dispatched:
                         features:batchK (IF-Beta teacher features, streamed to features.tmp/),
                         scores:batchK (the scoring passes over the proxies / teacher)
+                        teacher_views:batchK (the cached teacher's pass over the views)
+    <dir>:write         features / teacher_views: the temp directory complete, not yet
+                        renamed into place (stages/cache.py publish_dir)
     policy:step<k>      after IF-Beta outer step k (the policy is relearned on rerun)
-    select:write        subset chosen, subset.json not yet written (pipeline.py)
+    select:write        subset chosen, subset.json not yet written (stages/select.py)
     select:written      subset.json written, student not started
     eval:test           student evaluated on the test split, not yet on the validation split
     eval:write          every metric computed, results.json not yet written

@@ -66,17 +66,17 @@ def run(study_config: str, teacher_dir: str, workdir: str, keep_fraction: float 
                                           "prune.keep_fraction": keep_fraction,
                                           "teacher.init": os.path.abspath(teacher_dir)})
     os.makedirs(workdir, exist_ok=True)
-    run = context.Run.create(config, workdir, log=log)
-    sp = run.splits
-    model = teacher.import_teacher(config, sp.num_classes, run.mesh)
-    feats = features.compute(run, model)
+    ctx = context.Run.create(config, workdir, log=log)
+    sp = ctx.splits
+    model = teacher.import_teacher(config, sp.num_classes, ctx.mesh)
+    feats = features.compute(ctx, model)
     rows = []
     for name, fields in variants:
         c = study.apply_overrides(config, dict(fields))
         t0 = time.perf_counter()
         prob, _, _ = ifbeta.build_problem(c, sp, feats.features, feats.logits, log)
         s = ifbeta.settings(c, sp.num_classes)
-        phi, history, _ = ifbeta.learn_policy(c, prob, s, run.mesh, run.writer, log)
+        phi, history, _ = ifbeta.learn_policy(c, prob, s, ctx.mesh, ctx.writer, log)
         a, b = (float(x) for x in policy.beta_params(phi))
         init = ifbeta.initial_phi(c.policy.init_a, c.policy.init_b)
         on_v2 = dataclasses.replace(prob, val=prob.val2)

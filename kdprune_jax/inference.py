@@ -4,8 +4,8 @@ A `FrozenModel` is a trained network that no stage updates any more (a teacher, 
 its nnx split (graphdef, params, batch_stats) plus the fingerprint of what produced it,
 which is what the artifacts downstream of it are keyed on. `batch_pass` runs a jitted
 function over fixed-size, padded, "data"-sharded batches and hands every real row back
-to the host (padding rows are dropped); the features, scores, influence and
-teacher-views stages are all one `batch_pass` each.
+to the host (padding rows are dropped): every per-example pass of the features, scores,
+influence and teacher-views stages is one.
 
 Imports only leaves (sharding, faults, preemption, cpu_flags): stages import this module,
 never each other.

@@ -55,7 +55,8 @@ def kd_loss(
       teacher_logits: [B, C] or None.
       labels: int [B].
       kd_weight: weight w of the KD term in [0, 1] (python float or scalar array): the
-        config's ``kd.alpha`` (and ``ifbeta.kd_weight`` inside IF-Beta's proxy objective).
+        config's ``kd.alpha`` (``ifbeta.kd_weight`` / ``influence.kd_weight`` inside IF-Beta's
+        proxy objective and the KD-aligned influence target).
       temperature: tau > 0.
     Returns:
       [B], float32 (float64 for float64 inputs).

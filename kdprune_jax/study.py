@@ -324,7 +324,7 @@ def _run_unit(u: Unit) -> None:
         pipeline.run(u.config, u.workdir)
         return
     config_checks.validate(u.config)
-    run = context.Run.create(u.config, u.workdir, log=_log)
+    run = context.Run.create(u.config, u.workdir)  # logs from process 0
     model, _ = teacher.compute(run)
     if u.kind == "scores":
         pipeline.compute_scores(run, model)

@@ -36,18 +36,21 @@ class Artifact:
 
     tag: the stage's log tag ("scores"); path: the file or directory; what: a noun put
     before the path in log lines ("K-FAC factors "); redo: what the stage does when it
-    cannot reuse ("recomputing", "rebuilding", ...); stale: why a stale artifact differs."""
+    cannot reuse ("recomputing", "rebuilding", ...); stale: why a stale artifact differs;
+    verb: "is", or "are" for a plural `what`."""
 
     tag: str
     path: str
     redo: str = "recomputing"
     stale: str = "different data, teacher or parameters"
     what: str = ""
+    verb: str = "is"
 
 
 def reuse_or_compute(art: Artifact, key, *, read: Callable, compute: Callable, log,
                      write: Callable | None = None, key_of: Callable | None = None,
-                     check: Callable | None = None, describe: Callable | None = None):
+                     check: Callable | None = None, describe: Callable | None = None,
+                     announce: Callable | None = None):
     """The artifact at ``art.path`` if it was made for `key`, else ``compute()``.
 
     read(path) -> (value, None) | (None, None) when missing | (None, what is wrong)
@@ -59,6 +62,8 @@ def reuse_or_compute(art: Artifact, key, *, read: Callable, compute: Callable, l
       reported as unreadable and the value recomputed.
     write(path, value): called on process 0 only, after `compute`.
     describe(value) -> str: appended to the reuse line (e.g. " (500 examples)").
+    announce(value): called after `write` on a computed value (its "computed -> path" log
+      line, so that the log never names a file before it exists).
     """
     got, problem = read(art.path)
     if got is not None and got is not STALE and (key_of is None or key_of(got) == key):
@@ -68,12 +73,14 @@ def reuse_or_compute(art: Artifact, key, *, read: Callable, compute: Callable, l
                 + (describe(got) if describe is not None else ""))
             return got
     if problem:
-        log(f"[{art.tag}] {art.what}{art.path} is unreadable ({problem}); {art.redo}")
+        log(f"[{art.tag}] {art.what}{art.path} {art.verb} unreadable ({problem}); {art.redo}")
     elif got is not None:
-        log(f"[{art.tag}] {art.what}{art.path} is stale ({art.stale}); {art.redo}")
+        log(f"[{art.tag}] {art.what}{art.path} {art.verb} stale ({art.stale}); {art.redo}")
     value = compute()
     if write is not None and jax.process_index() == 0:
         write(art.path, value)
+    if announce is not None:
+        announce(value)
     return value
 
 

@@ -184,10 +184,10 @@ def _compute(run: Run, teacher: FrozenModel, want: dict):
     cache.publish_dir(tmp, path, name="features")
     run.log(f"[features] {n} x {dim} features ({run.config.ifbeta.feature_dtype}) in "
             f"{time.perf_counter() - t0:.1f} s -> {path}")
-    got, problem = _features_or_problem(path)
+    got, problem = read_features(path)  # the structure only: the values are the pass's own
     if got is None:  # only a concurrent writer or a full disk gets here
         raise ArtifactError(f"{path} is unreadable right after writing: {problem}")
-    return got
+    return np.asarray(got[0], np.float32), np.asarray(got[1], np.float32), got[2]
 
 
 def _feature_dim(teacher: FrozenModel, run: Run) -> int:

@@ -258,8 +258,6 @@ def compute(run: Run, teacher: FrozenModel, features) -> tuple[Subset, dict]:
                "outer_at_init": float(bilevel.objective_at(initial_phi(p.init_a, p.init_b),
                                                            prob, s)),
                "outer_at_learned": float(bilevel.objective_at(phi, prob, s))}
-        log(f"[policy] learned (a, b) = ({a:.3f}, {b:.3f}); V1 objective "
-            f"{rec['outer_at_init']:.5f} at init -> {rec['outer_at_learned']:.5f}")
         return rec
 
     def read(path):
@@ -272,7 +270,10 @@ def compute(run: Run, teacher: FrozenModel, features) -> tuple[Subset, dict]:
         cache.Artifact("policy", run.path("ifbeta", "policy.json"), redo="relearning",
                        stale="another teacher, features or ifbeta / policy setting"), fp,
         read=read, key_of=lambda r: r["fingerprint"], compute=learn,
-        write=artifacts.write_json, log=log)
+        write=artifacts.write_json, log=log,
+        announce=lambda rec: log(f"[policy] learned (a, b) = ({rec['a']:.3f}, {rec['b']:.3f}); "
+                                 f"V1 objective {rec['outer_at_init']:.5f} at init -> "
+                                 f"{rec['outer_at_learned']:.5f}"))
     phi = jnp.asarray(rec["phi"], jnp.float32)
     pool_labels = sp.train_labels[sp.pool]
     n = len(sp.pool)

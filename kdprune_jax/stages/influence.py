@@ -107,8 +107,9 @@ def kfac_factors(run: Run, *, logits_fn, params, layers, fit_batch, upstream: di
 
     report.update(reused=True, fit_seconds=0.0)  # replaced by `fit` when it runs
     return cache.reuse_or_compute(
-        cache.Artifact("scores", run.path(FACTORS_FILE), redo="refitting", what="K-FAC factors ",
-                       stale="another model, data or influence.kfac_fisher"), fp,
+        cache.Artifact("scores", run.path(FACTORS_FILE), redo="refitting", verb="are",
+                       what="K-FAC factors ", stale="another model, data or influence.kfac_fisher"),
+        fp,
         read=read, write=write, log=log, describe=lambda _: " (no refit)",
         compute=lambda: _fit_factors(run, logits_fn=logits_fn, params=params, layers=layers,
                                      fit_batch=fit_batch, report=report))

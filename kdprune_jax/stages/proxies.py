@@ -55,10 +55,13 @@ def train(run: Run, track_forgetting: bool = False):
     for k in range(num_models(c)):
         seed = c.seed + SEED_OFFSET + k
         fp = key(run, k, track_forgetting)
-        model = models.create_model(c.proxy.model or c.student.model,
-                                    num_classes=run.splits.num_classes, seed=seed,
-                                    width=c.student.width)
-        res = training.train(run, f"proxy{k}", model, run.splits.pool, fp, optim=o, seed=seed,
+        def make_model(seed=seed):
+            return models.create_model(c.proxy.model or c.student.model,
+                                       num_classes=run.splits.num_classes, seed=seed,
+                                       width=c.student.width)
+
+        res = training.train(run, f"proxy{k}", make_model, run.splits.pool, fp, optim=o,
+                             seed=seed,
                              num_steps=num_steps, role="student",
                              ckpt_dir=run.path("proxies", str(k)),
                              track_forgetting=track_forgetting)

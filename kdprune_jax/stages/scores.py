@@ -98,7 +98,11 @@ def compute(run: Run, teacher: FrozenModel | None, *, train_proxies, influence_s
         read=read_scores_checked, key_of=lambda old: old[1].get("fingerprint"), check=check,
         log=run.log, compute=lambda: _compute(run, teacher, meta, fp, train_proxies,
                                               influence_scores),
-        write=lambda path, got: artifacts.write_npz(path, scores=got[0], meta=got[1]))
+        write=lambda path, got: artifacts.write_npz(path, scores=got[0], meta=got[1]),
+        announce=lambda got: run.log(
+            f"[scores] {method}: {len(got[0])} scores in {got[1]['scoring_seconds']:.1f} s "
+            f"(+ {got[1]['proxy_seconds']:.1f} s proxy training) -> "
+            f"{run.path('scores', method + '.npz')}"))
 
 
 def _compute(run: Run, teacher, meta: dict, fp: str, train_proxies, influence_scores):
@@ -137,8 +141,6 @@ def _compute(run: Run, teacher, meta: dict, fp: str, train_proxies, influence_sc
             "proxies": [p.fingerprint for p, _ in proxies]}
     if influence_report:  # K-FAC / EK-FAC: the factors' share of the scoring cost
         meta["kfac"] = influence_report
-    run.log(f"[scores] {method}: {len(scores)} scores in {scoring_seconds:.1f} s "
-            f"(+ {proxy_seconds:.1f} s proxy training) -> {run.path('scores', method + '.npz')}")
     return scores, meta
 
 

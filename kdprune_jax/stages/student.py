@@ -55,6 +55,7 @@ def compute(run: Run, subset, teacher: FrozenModel | None, teacher_views=None) -
         num_steps = data.num_train_steps(len(run.splits.pool), o.batch_size, o.num_epochs)
     kd = teacher is not None or teacher_views is not None
     return training.train(
-        run, "student", training.create_model(c.student, run.splits.num_classes, c.seed),
+        run, "student",
+        lambda: training.create_model(c.student, run.splits.num_classes, c.seed),
         subset.indices, key(run, subset, teacher), optim=o, seed=c.seed, num_steps=num_steps,
         teacher=teacher, kd_weight=c.kd.alpha if kd else 0.0, teacher_views=teacher_views)

@@ -37,7 +37,8 @@ def compute(run: Run) -> tuple[FrozenModel, dict]:
     else:
         seed = c.seed + SEED_OFFSET
         res = training.train(
-            run, "teacher", training.create_model(c.teacher, run.splits.num_classes, seed),
+            run, "teacher",
+            lambda: training.create_model(c.teacher, run.splits.num_classes, seed),
             run.splits.pool, key(run), optim=c.teacher.optim, seed=seed)
         teacher = FrozenModel(res.graphdef, res.params, res.batch_stats, key(run))
         metrics.update(steps=res.steps, train_seconds=res.seconds)

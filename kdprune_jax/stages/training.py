@@ -35,12 +35,13 @@ def role_key(config, role: str, **upstream) -> str:
     })
 
 
-def train(run: Run, name: str, model, indices, key: str, *, optim, seed: int,
+def train(run: Run, name: str, make_model, indices, key: str, *, optim, seed: int,
           num_steps: int | None = None, teacher: FrozenModel | None = None,
           kd_weight: float = 0.0, teacher_views=None, role: str | None = None,
           ckpt_dir: str | None = None, track_forgetting: bool = False) -> TrainResult:
-    """Train `model` on train `indices` with the `optim` recipe, resuming from
-    ``DIR/<name>/`` (or `ckpt_dir`) when its checkpoint carries `key`.
+    """Train ``make_model()`` (an initialised nnx module, built only once the schedule is
+    checked) on train `indices` with the `optim` recipe, resuming from ``DIR/<name>/`` (or
+    `ckpt_dir`) when its checkpoint carries `key`.
 
     num_steps: default ``num_train_steps(len(indices), optim.batch_size, optim.num_epochs)``.
     teacher / kd_weight: the KD term (a live teacher); with `teacher_views` the teacher's
@@ -58,7 +59,7 @@ def train(run: Run, name: str, model, indices, key: str, *, optim, seed: int,
                           f"{role}.optim.num_epochs")
     cached = teacher_views is not None
     return train_model(
-        name=name, model=model,
+        name=name, model=make_model(),
         dataset_fn=lambda: run.train_batches(indices, batch_size=optim.batch_size,
                                              num_steps=num_steps, seed=seed,
                                              teacher_views=teacher_views),
