@@ -26,20 +26,25 @@ part of its time), the Spearman correlation between the two score vectors; and E
 (factors + scores) against a converged CG on the full Hessian (the smallest damping of
 `cg_dampings` at which CG reaches a relative residual below 1e-3, as
 benchmarks/influence.py's diag-Fisher row), both ours: time and Spearman (EK-FAC with the
-same absolute damping as CG, and with the relative one). Peak memory is not measured here
-(one process holds both sides). The CIFAR ResNet-20 row of issue 20 is not implemented.
+same absolute damping as CG, and with the relative one). Peak resident memory: each EK-FAC
+side (factors + scores once) in a process of its own, against its own baseline (import,
+weights, one forward) (`benchmarks/peak_memory.py`). The CIFAR ResNet-20 counterpart is
+benchmarks/kfac_resnet.py.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import shutil
+import tempfile
 import time
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import peak_memory
 from benchmarks.common import Row, timed
 from benchmarks.influence import _spearman, _workload, converged_cg, torch_mlp
 from benchmarks.kronfluence_ekfac import ekfac_analysis
@@ -61,9 +66,58 @@ def _nnx_logits(graphdef, params, batch):
     return nnx.merge(graphdef, params)(batch["x"])
 
 
+def _nnx_mlp(z):
+    """The workload's weights (z["w1"], ...) in the nnx MLP: (graphdef, params, model)."""
+    model = MLP(z["w1"].shape[0], z["w1"].shape[1])
+    model.fc1.kernel[...] = jnp.asarray(z["w1"])
+    model.fc1.bias[...] = jnp.asarray(z["b1"])
+    model.fc2.kernel[...] = jnp.asarray(z["w2"])
+    model.fc2.bias[...] = jnp.asarray(z["b2"])
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, model
+
+
+def _memory_row(params, xtr, ytr, xva, yva, chunk: int, work: str, kv: str) -> Row:
+    """Peak resident memory of each EK-FAC side, one process each (peak_memory)."""
+    tmp = tempfile.mkdtemp(prefix="kdprune_bench_kfac_mlp_")
+    try:
+        data = os.path.join(tmp, "data.npz")
+        np.savez(data, chunk=chunk, x_train=xtr, y_train=ytr, x_val=xva, y_val=yva,
+                 **{k: np.asarray(v) for k, v in params.items()})
+        m = peak_memory.measure("benchmarks.kfac_memory", data, os.path.join(tmp, "out.npz"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    (base_o, o), (base_k, k) = m["ours"], m["kronfluence"]
+    assert not k["jax_imported"]
+    mib = {n: r["peak_kib"] / 1024 for n, r in (("o", o), ("k", k), ("bo", base_o),
+                                                  ("bk", base_k))}
+    return Row(
+        workload=f"EK-FAC peak resident memory (factors + scores, one process each), {work}",
+        unit="MiB", higher_is_better=False, ours=mib["o"], ours_label="VmHWM, JAX process",
+        ref=mib["k"], ref_label=f"VmHWM, kronfluence {kv} process",
+        notes=(f"baselines (import + weights + one forward of {chunk}): ours {mib['bo']:.0f} "
+               f"MiB, torch {mib['bk']:.0f} MiB; peak minus baseline: ours "
+               f"{mib['o'] - mib['bo']:.0f} MiB, kronfluence {mib['k'] - mib['bk']:.0f} MiB; "
+               f"fit_factors' own estimate {o['estimate_mib']:.0f} MiB; Spearman of the two "
+               f"processes' scores {_spearman(o['scores'], k['scores']):.4f}; process wall ours "
+               f"{o['process_seconds']:.0f} s, kronfluence {k['process_seconds']:.0f} s"))
+
+
+def run_memory(n_train: int = 5000, n_val: int = 1000, hidden: int = 64,
+               train_steps: int = 300, chunk: int = 500):
+    """The peak-memory row alone (the same workload and weights as `run`)."""
+    import jax
+
+    params, _, _, _, _, (xtr, ytr, xva, yva) = _workload(n_train, n_val, hidden, train_steps)
+    work = (f"MLP 3072-{hidden}-10 ({xtr.shape[1] * hidden + hidden * 11:,} params), "
+            f"{n_train} CIFAR-10 train x {n_val} val")
+    return [_memory_row(jax.device_get(params), xtr, ytr, xva, yva, chunk, work,
+                        importlib.metadata.version("kronfluence"))]
+
+
 def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
         train_steps: int = 300, chunk: int = 500, cg_iters: int = 500,
-        cg_dampings=(0.01, 0.1, 1.0)):
+        cg_dampings=(0.01, 0.1, 1.0), memory: bool = True):
     import functools
 
     import jax
@@ -77,12 +131,7 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     d_in = xtr.shape[1]
 
     # Ours: the same weights in an nnx model.
-    model = MLP(d_in, hidden)
-    model.fc1.kernel[...] = jnp.asarray(params["w1"])
-    model.fc1.bias[...] = jnp.asarray(params["b1"])
-    model.fc2.kernel[...] = jnp.asarray(params["w2"])
-    model.fc2.bias[...] = jnp.asarray(params["b2"])
-    graphdef, nparams = nnx.split(model, nnx.Param)
+    graphdef, nparams, model = _nnx_mlp(params)
     logits_fn = functools.partial(_nnx_logits, graphdef)
     layers = scoring.find_layers(model)
     z_ref = jnp.tanh(val["x"] @ params["w1"] + params["b1"]) @ params["w2"] + params["b2"]
@@ -141,6 +190,7 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     work = (f"MLP 3072-{hidden}-10 ({d_in * hidden + hidden * 11:,} params), {n_train} CIFAR-10 "
             f"train x {n_val} val")
     kv = importlib.metadata.version("kronfluence")
+    memory_rows = [_memory_row(params, xtr, ytr, xva, yva, chunk, work, kv)] if memory else []
     return [
         Row(workload=f"EK-FAC factors (empirical Fisher), {work}", unit="s",
             higher_is_better=False, ours=med_f, ours_label="fit_factors (2 passes + eigh f32)",
@@ -162,4 +212,5 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
             notes=(f"Spearman EK-FAC vs CG: damping {cg_damping:g} absolute {rho_cg_abs:.4f}, "
                    f"0.1 x mean eigenvalue {rho_cg_rel:.4f}; kronfluence vs CG "
                    f"{rho_ref_cg:.4f}")),
-    ]
+    ] + memory_rows
+

@@ -84,35 +84,20 @@ min; 1,000 was estimated at ~35 min and took 44 (load average ~6 on the 2 cores)
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
+from benchmarks import peak_memory
 from benchmarks.common import Row, timed
 from benchmarks.influence import _cifar, _spearman
 
 MODEL = "cifar_resnet20"
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _peak_kib() -> int:
-    """This process's peak resident set, KiB: VmHWM of /proc/self/status (the high-water
-    mark of its own address space). Not ru_maxrss: Linux carries the pre-exec address
-    space's high-water mark into it at exec, so a child of a big parent reports at least
-    the parent's resident set at fork (measured here: 1,472 MiB for every child)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _nnx_logits(graphdef, rest, params, batch):
@@ -221,44 +206,7 @@ def _child_kronfluence(z, baseline: bool) -> dict:
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"scores": ref, "times_f": times_f, "times_s": times_s, "first_f": first_f,
-            "first_s": first_s, "layers": len(get_tracked_module_names(net)),
-            "jax_imported": "jax" in sys.modules}
-
-
-def _child(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="one side of benchmarks/kfac_resnet.py")
-    ap.add_argument("--side", choices=("ours", "kronfluence"), required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--baseline", action="store_true",
-                    help="only import, load the weights and run the model on one chunk")
-    args = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    with np.load(args.data) as z:
-        fn = _child_ours if args.side == "ours" else _child_kronfluence
-        res = fn(z, args.baseline)
-    res["peak_kib"] = _peak_kib()
-    res["ru_maxrss_kib"] = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-    res["wall"] = time.perf_counter() - t0
-    arrays = {k: np.asarray(v) for k, v in res.items() if isinstance(v, (np.ndarray, list))}
-    meta = {k: v for k, v in res.items() if k not in arrays}
-    np.savez(args.out, meta=json.dumps(meta), **arrays)
-    return 0
-
-
-def _spawn(side: str, data: str, out: str, baseline: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.kfac_resnet", "--side", side, "--data", data,
-           "--out", out] + (["--baseline"] if baseline else [])
-    env = dict(os.environ, TQDM_DISABLE="1")
-    t0 = time.perf_counter()
-    subprocess.run(cmd, cwd=_REPO, env=env, check=True)
-    with np.load(out) as r:
-        res = {k: r[k] for k in r.files if k != "meta"}
-        res.update(json.loads(str(r["meta"])))
-    res["process_seconds"] = time.perf_counter() - t0
-    print(f"[kfac_resnet] {side}{' baseline' if baseline else ''}: peak "
-          f"{res['peak_kib'] / 1024:.0f} MiB, {res['process_seconds']:.0f} s", flush=True)
-    return res
+            "first_s": first_s, "layers": len(get_tracked_module_names(net))}
 
 
 # ----------------------------------------------------------------------------- parent
@@ -344,11 +292,8 @@ def run(n_train: int = 5000, n_val: int = 500, reps: int = 3, train_epochs: int 
                  probe_nhwc=xtr[:chunk], probe_nchw=xtr_c[:chunk],
                  **{f"sd/{k}": v for k, v in sd.items()})
         del xtr, xva, xtr_c, xva_c
-        out = os.path.join(tmp, "out.npz")
-        base_o = _spawn("ours", data, out, baseline=True)
-        base_k = _spawn("kronfluence", data, out, baseline=True)
-        o = _spawn("ours", data, out)
-        k = _spawn("kronfluence", data, out)
+        m = peak_memory.measure("benchmarks.kfac_resnet", data, os.path.join(tmp, "out.npz"))
+        (base_o, o), (base_k, k) = m["ours"], m["kronfluence"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     assert o["layers"] == k["layers"] == len(convs) + len(lins), (o["layers"], k["layers"])
@@ -399,4 +344,4 @@ def run(n_train: int = 5000, n_val: int = 500, reps: int = 3, train_epochs: int 
 
 
 if __name__ == "__main__":
-    sys.exit(_child())
+    sys.exit(peak_memory.child_main({"ours": _child_ours, "kronfluence": _child_kronfluence}))

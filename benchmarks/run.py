@@ -22,7 +22,7 @@ import time
 from benchmarks import common
 
 SUITES = ("kd_step", "conv_profile", "grand", "influence", "influence_diag_fisher", "kfac",
-          "kfac_resnet20", "ifbeta_cost", "cached_teacher", "scaling")
+          "kfac_memory", "kfac_resnet20", "ifbeta_cost", "cached_teacher", "scaling")
 
 
 def main(argv=None) -> int:
@@ -115,6 +115,12 @@ def main(argv=None) -> int:
 
         rows += kfac.run(n_train=500 if args.quick else 5000, n_val=100 if args.quick else 1000,
                          reps=reps)
+        save()
+    if "kfac_memory" in only and "kfac" not in only:  # kfac's memory row alone
+        from benchmarks import kfac
+
+        rows += kfac.run_memory(n_train=500 if args.quick else 5000,
+                                n_val=100 if args.quick else 1000)
         save()
     if "kfac_resnet20" in only:  # each side in its own process (peak memory)
         from benchmarks import kfac_resnet
