@@ -47,7 +47,7 @@ from flax import nnx
 from benchmarks import peak_memory
 from benchmarks.common import Row, timed
 from benchmarks.influence import _spearman, _workload, converged_cg, torch_mlp
-from benchmarks.kronfluence_ekfac import ekfac_analysis
+from benchmarks.kronfluence_ekfac import datasets, ekfac_analysis
 
 
 class MLP(nnx.Module):
@@ -121,7 +121,6 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     import functools
 
     import jax
-    import torch
 
     from kdprune_jax import scoring
 
@@ -160,8 +159,7 @@ def run(n_train: int = 5000, n_val: int = 1000, hidden: int = 64, reps: int = 5,
     # kronfluence on the same weights and data.
     net = torch_mlp(params, d_in, hidden)
 
-    tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(xtr), torch.from_numpy(ytr).long())
-    va_ds = torch.utils.data.TensorDataset(torch.from_numpy(xva), torch.from_numpy(yva).long())
+    tr_ds, va_ds = datasets(xtr, ytr, xva, yva)
     their_factors, their_scores, out_dir, _ = ekfac_analysis(
         net, tr_ds, va_ds, name="cifar_mlp", chunk=chunk, query_batch=n_val)
 

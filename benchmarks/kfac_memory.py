@@ -11,7 +11,7 @@ import numpy as np
 
 from benchmarks import peak_memory
 from benchmarks.influence import torch_mlp
-from benchmarks.kronfluence_ekfac import ekfac_analysis
+from benchmarks.kronfluence_ekfac import datasets, ekfac_analysis
 
 
 def _child_ours(z, baseline: bool) -> dict:
@@ -52,10 +52,7 @@ def _child_kronfluence(z, baseline: bool) -> dict:
         with torch.no_grad():
             net(torch.from_numpy(z["x_train"][:chunk]))
         return {}
-    tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_train"]),
-                                           torch.from_numpy(z["y_train"]).long())
-    va_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_val"]),
-                                           torch.from_numpy(z["y_val"]).long())
+    tr_ds, va_ds = datasets(z["x_train"], z["y_train"], z["x_val"], z["y_val"])
     their_factors, their_scores, out_dir, _ = ekfac_analysis(
         net, tr_ds, va_ds, name="cifar_mlp_memory", chunk=chunk, query_batch=len(va_ds))
     try:

@@ -176,7 +176,7 @@ def _child_kronfluence(z, baseline: bool) -> dict:
     torch.set_num_threads(2)
     from kronfluence.module.utils import get_tracked_module_names
 
-    from benchmarks.kronfluence_ekfac import ekfac_analysis
+    from benchmarks.kronfluence_ekfac import datasets, ekfac_analysis
 
     chunk, reps = int(z["chunk"]), int(z["reps"])
     net = _torch_twin()(20, 10)
@@ -187,10 +187,7 @@ def _child_kronfluence(z, baseline: bool) -> dict:
             net(torch.from_numpy(z["probe_nchw"]))
         return {}
 
-    tr_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_train_nchw"]),
-                                           torch.from_numpy(z["y_train"]).long())
-    va_ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x_val_nchw"]),
-                                           torch.from_numpy(z["y_val"]).long())
+    tr_ds, va_ds = datasets(z["x_train_nchw"], z["y_train"], z["x_val_nchw"], z["y_val"])
     their_factors, their_scores, out_dir, net = ekfac_analysis(
         net, tr_ds, va_ds, name="cifar_resnet20", chunk=chunk, query_batch=chunk)
 

@@ -58,3 +58,11 @@ def ekfac_analysis(net, train_ds, val_ds, *, name: str, chunk: int, query_batch:
         return analyzer.load_pairwise_scores("scores")["all_modules"]
 
     return fit_factors, pairwise_scores, out_dir, net
+
+
+def datasets(x_train, y_train, x_val, y_val):
+    """(train, val) torch TensorDatasets of (x float32, y int64) from numpy arrays."""
+    import torch
+
+    return tuple(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y).long())
+                 for x, y in ((x_train, y_train), (x_val, y_val)))
